@@ -1,0 +1,109 @@
+"""The blur op: a binomial low-pass filter, optionally subsampling, on (N, C, *spatial) input.
+
+Each output sample is the filter-weighted sum of a window of the padded input; with a stride
+``s`` only every ``s``-th window is kept. The input is padded by ``k - 1`` in total along an
+axis filtered with ``k`` taps (``(k - 1) // 2`` before, the rest after), so the output has
+``(size - 1) // s + 1`` samples: the input size at stride 1, and the size a floor-mode
+conv or pool of stride ``s`` produces when it is fed the stride-1 map.
+
+Padding modes are ``"reflect"`` (the paper's), ``"replicate"``, ``"zeros"`` (Composer's) and
+``"circular"``. An axis too short to reflect or wrap (a 1-pixel map under a 3-tap filter)
+is padded by replication instead, so tiny maps always work.
+
+Example:
+    >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    >>> blur(x, stride=2).shape
+    torch.Size([1, 1, 2, 2])
+    >>> blur(torch.ones(2, 3, 5, 5), filter_size=5).eq(1).all()
+    tensor(True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fxblur.filters import binomial_kernel
+
+PADDING_MODES = ("reflect", "replicate", "zeros", "circular")
+
+_DEPTHWISE_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def blur(
+    x: torch.Tensor,
+    stride: int | Sequence[int] = 1,
+    filter_size: int | Sequence[int] = 3,
+    padding_mode: str = "reflect",
+) -> torch.Tensor:
+    """Low-pass filter ``x`` with a binomial filter and keep every ``stride``-th sample.
+
+    Args:
+        x: input of shape (N, C, L), (N, C, H, W) or (N, C, D, H, W).
+        stride: subsampling factor, one for all spatial axes or one per axis.
+        filter_size: taps of the binomial filter (1 to 7), one for all axes or one per
+            axis; 1 leaves an axis unfiltered.
+        padding_mode: ``"reflect"``, ``"replicate"``, ``"zeros"`` or ``"circular"``.
+
+    Example:
+        >>> blur(torch.randn(8, 64, 56, 56), stride=2).shape
+        torch.Size([8, 64, 28, 28])
+        >>> blur(torch.randn(1, 3, 9, 9), stride=(2, 1), filter_size=(3, 1)).shape
+        torch.Size([1, 3, 5, 9])
+    """
+    spatial = x.dim() - 2
+    if spatial not in _DEPTHWISE_CONV:
+        raise ValueError(f"blur expects (N, C, *spatial) input with 1 to 3 spatial axes, got {x.dim()}-d")
+    strides = per_axis(stride, spatial, "stride")
+    sizes = per_axis(filter_size, spatial, "filter_size")
+    check_padding_mode(padding_mode)
+    kernel = binomial_kernel(sizes, torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return blur_with_kernel(x, kernel, strides, padding_mode)
+
+
+def blur_with_kernel(x: torch.Tensor, kernel: torch.Tensor, stride: Sequence[int], padding_mode: str) -> torch.Tensor:
+    """Filter ``x`` depthwise with ``kernel`` (shape: taps per spatial axis) at ``stride``."""
+    padding = [((taps - 1) // 2, taps - 1 - (taps - 1) // 2) for taps in kernel.shape]
+    padded = pad(x, padding, padding_mode)
+    channels = x.shape[1]
+    weight = kernel.to(x).expand(channels, 1, *kernel.shape)
+    return _DEPTHWISE_CONV[kernel.dim()](padded, weight, stride=tuple(stride), groups=channels)
+
+
+def pad(x: torch.Tensor, padding: Sequence[tuple[int, int]], padding_mode: str) -> torch.Tensor:
+    """Pad the last ``len(padding)`` axes of ``x`` by (before, after) samples each.
+
+    Axes too short for ``"reflect"`` (padding >= size) or ``"circular"`` (padding > size)
+    are padded by replication instead.
+    """
+    sizes = x.shape[x.dim() - len(padding) :]
+    modes = [_feasible_mode(padding_mode, size, max(amounts)) for size, amounts in zip(sizes, padding, strict=True)]
+    for mode in dict.fromkeys(modes):
+        flat: list[int] = []
+        for axis_mode, amounts in zip(reversed(modes), reversed(padding), strict=True):
+            flat.extend(amounts if axis_mode == mode else (0, 0))
+        if any(flat):
+            x = F.pad(x, flat, mode="constant" if mode == "zeros" else mode)
+    return x
+
+
+def per_axis(value: int | Sequence[int], axes: int, name: str) -> tuple[int, ...]:
+    """``value`` as one positive int per axis; ``ValueError`` when it cannot be."""
+    values = (value,) * axes if isinstance(value, int) else tuple(value)
+    if len(values) != axes or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise ValueError(f"{name} must be a positive int or {axes} positive ints, got {value!r}")
+    return values
+
+
+def check_padding_mode(padding_mode: str) -> None:
+    """``ValueError`` unless ``padding_mode`` is one the blur supports."""
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+
+
+def _feasible_mode(mode: str, size: int, amount: int) -> str:
+    if (mode == "reflect" and amount >= size) or (mode == "circular" and amount > size):
+        return "replicate"
+    return mode
