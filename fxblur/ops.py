@@ -1,0 +1,257 @@
+"""One normalised view of every conv and pool node, module call or functional call.
+
+Passes never parse arguments themselves: ``read_window_op`` binds positional and keyword
+arguments to parameter names, turns ints into per-axis tuples, resolves ``stride=None``
+(and the builtins' ``stride=()``) to the kernel size, and looks up what a module holds.
+
+Example:
+    >>> import torch.fx as fx
+    >>> gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.MaxPool2d(3, 2, ceil_mode=True)))
+    >>> op = read_window_op(next(n for n in gm.graph.nodes if n.op == "call_module"), gm)
+    >>> op.op, op.kernel_size, op.stride, op.ceil_mode, op.downsamples
+    ('max_pool2d', (3, 3), (2, 2), True, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+_CONV_PARAMETERS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_MAX_POOL_PARAMETERS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_MAX_POOL_DEFAULTS = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False}
+_AVG_POOL_PARAMETERS = (
+    "input",
+    "kernel_size",
+    "stride",
+    "padding",
+    "ceil_mode",
+    "count_include_pad",
+    "divisor_override",
+)
+_AVG_POOL_DEFAULTS = {
+    "stride": None,
+    "padding": 0,
+    "ceil_mode": False,
+    "count_include_pad": True,
+    "divisor_override": None,
+}
+
+
+@dataclass(frozen=True)
+class _Function:
+    kind: str
+    dims: int
+    parameters: tuple[str, ...]
+    defaults: Mapping[str, Any]
+    returns_indices: bool = False
+
+
+def _functions() -> dict[Callable, _Function]:
+    table: dict[Callable, _Function] = {}
+    for dims in (1, 2, 3):
+        conv = _Function("conv", dims, _CONV_PARAMETERS, _CONV_DEFAULTS)
+        max_pool = _Function("max_pool", dims, _MAX_POOL_PARAMETERS, _MAX_POOL_DEFAULTS)
+        with_indices = _Function("max_pool", dims, _MAX_POOL_PARAMETERS, _MAX_POOL_DEFAULTS, True)
+        avg_pool = _Function("avg_pool", dims, _AVG_POOL_PARAMETERS, _AVG_POOL_DEFAULTS)
+        table[getattr(F, f"conv{dims}d")] = conv  # torch.convNd is the same builtin
+        table[getattr(F, f"max_pool{dims}d")] = max_pool
+        table[getattr(torch, f"max_pool{dims}d")] = max_pool
+        table[getattr(F, f"max_pool{dims}d_with_indices")] = with_indices
+        table[getattr(F, f"avg_pool{dims}d")] = avg_pool
+    table[torch.max_pool1d_with_indices] = table[F.max_pool1d_with_indices]
+    table[torch._C._nn.max_pool2d_with_indices] = table[F.max_pool2d_with_indices]
+    table[torch._C._nn.max_pool3d_with_indices] = table[F.max_pool3d_with_indices]
+    return table
+
+
+FUNCTIONS = _functions()
+
+MODULES: dict[type[nn.Module], tuple[str, int]] = {
+    nn.Conv1d: ("conv", 1),
+    nn.Conv2d: ("conv", 2),
+    nn.Conv3d: ("conv", 3),
+    nn.MaxPool1d: ("max_pool", 1),
+    nn.MaxPool2d: ("max_pool", 2),
+    nn.MaxPool3d: ("max_pool", 3),
+    nn.AvgPool1d: ("avg_pool", 1),
+    nn.AvgPool2d: ("avg_pool", 2),
+    nn.AvgPool3d: ("avg_pool", 3),
+}
+
+
+@dataclass(frozen=True)
+class WindowOp:
+    """A conv or pool node as every pass sees it.
+
+    ``target`` names it in reports and ``exclude`` patterns: the module path for a module
+    call, the node name for a functional call. ``arguments`` holds a functional call's
+    arguments by parameter name; it is empty for module calls, whose ``module`` is set.
+    """
+
+    node: fx.Node
+    kind: str
+    dims: int
+    target: str
+    kernel_size: tuple[int, ...] | None
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    ceil_mode: bool = False
+    return_indices: bool = False
+    in_channels: int | None = None
+    out_channels: int | None = None
+    module: nn.Module | None = None
+    custom_forward: bool = False
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def op(self) -> str:
+        """``"conv2d"``, ``"max_pool2d"``, ``"avg_pool3d"``, ..."""
+        return f"{self.kind}{self.dims}d"
+
+    @property
+    def downsamples(self) -> bool:
+        return any(s > 1 for s in self.stride)
+
+    @property
+    def input(self) -> fx.Node:
+        """The node that feeds the op's input tensor."""
+        return self.node.args[0] if self.node.args else self.node.kwargs["input"]
+
+    def replace_input(self, new: fx.Node) -> None:
+        """Feed the op from ``new`` instead of its current input."""
+        if self.node.args:
+            self.node.update_arg(0, new)
+        else:
+            self.node.update_kwarg("input", new)
+
+
+def read_window_op(node: fx.Node, root: nn.Module) -> WindowOp | None:
+    """The normalised view of ``node`` if it is a conv or pool call, else ``None``.
+
+    ``root`` is the module that owns the graph (module targets and weights are looked up
+    in it). Calls whose geometry is not constant are not recognised.
+    """
+    if node.op == "call_module":
+        return _read_module_call(node, root.get_submodule(node.target))
+    if node.op == "call_function" and node.target in FUNCTIONS:
+        return _read_function_call(node, FUNCTIONS[node.target], root)
+    return None
+
+
+def _read_module_call(node: fx.Node, module: nn.Module) -> WindowOp | None:
+    base = next((cls for cls in MODULES if isinstance(module, cls)), None)
+    if base is None:
+        return None
+    kind, dims = MODULES[base]
+    custom_forward = type(module).forward is not base.forward
+    common = {
+        "kernel_size": _per_axis(module.kernel_size, dims),
+        "stride": _per_axis(module.stride, dims),
+        "dilation": _per_axis(getattr(module, "dilation", 1), dims),  # avg pools have none
+        "module": module,
+    }
+    if kind == "conv":
+        padding = module.padding
+        return WindowOp(
+            node,
+            kind,
+            dims,
+            node.target,
+            padding=padding if isinstance(padding, str) else _per_axis(padding, dims),
+            in_channels=module.in_channels,
+            out_channels=module.out_channels,
+            custom_forward=custom_forward or type(module)._conv_forward is not base._conv_forward,
+            **common,
+        )
+    return WindowOp(
+        node,
+        kind,
+        dims,
+        node.target,
+        padding=_per_axis(module.padding, dims),
+        ceil_mode=bool(module.ceil_mode),
+        return_indices=bool(getattr(module, "return_indices", False)),
+        custom_forward=custom_forward,
+        **common,
+    )
+
+
+def _read_function_call(node: fx.Node, function: _Function, root: nn.Module) -> WindowOp | None:
+    if len(node.args) > len(function.parameters) or not set(node.kwargs) <= set(function.parameters):
+        return None
+    arguments = {**function.defaults, **dict(zip(function.parameters, node.args, strict=False)), **node.kwargs}
+    geometry = {k: v for k, v in arguments.items() if k not in ("input", "weight", "bias")}
+    if _mentions_a_node(geometry):
+        return None
+    dims = function.dims
+    if function.kind == "conv":
+        weight = _constant(arguments["weight"], root)
+        kernel_size = tuple(weight.shape[2:]) if weight is not None else None
+        padding = arguments["padding"]
+        return WindowOp(
+            node,
+            "conv",
+            dims,
+            node.name,
+            kernel_size=kernel_size,
+            stride=_per_axis(arguments["stride"], dims),
+            padding=padding if isinstance(padding, str) else _per_axis(padding, dims),
+            dilation=_per_axis(arguments["dilation"], dims),
+            in_channels=None if weight is None else weight.shape[1] * arguments["groups"],
+            out_channels=None if weight is None else weight.shape[0],
+            arguments=arguments,
+        )
+    kernel_size = _per_axis(arguments["kernel_size"], dims)
+    stride = arguments["stride"]
+    return WindowOp(
+        node,
+        function.kind,
+        dims,
+        node.name,
+        kernel_size=kernel_size,
+        stride=kernel_size if stride is None or stride in ((), []) else _per_axis(stride, dims),
+        padding=_per_axis(arguments["padding"], dims),
+        dilation=_per_axis(arguments.get("dilation", 1), dims),
+        ceil_mode=bool(arguments["ceil_mode"]),
+        return_indices=function.returns_indices or bool(arguments.get("return_indices", False)),
+        arguments=arguments,
+    )
+
+
+def _per_axis(value: int | tuple[int, ...] | list[int], dims: int) -> tuple[int, ...]:
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    return values * dims if len(values) == 1 else values
+
+
+def _mentions_a_node(value: Any) -> bool:
+    nodes: list[fx.Node] = []
+    fx.node.map_arg(value, nodes.append)
+    return bool(nodes)
+
+
+def _constant(value: Any, root: nn.Module) -> torch.Tensor | None:
+    """The tensor behind a ``get_attr`` node, or ``None`` if it is computed at run time."""
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        owner, _, name = value.target.rpartition(".")
+        tensor = getattr(root.get_submodule(owner), name)
+        return tensor if isinstance(tensor, torch.Tensor) else None
+    return None
+
+
+def set_call_argument(node: fx.Node, name: str, value: Any) -> None:
+    """Set argument ``name`` of a functional conv/pool call, where the call passes it."""
+    parameters = FUNCTIONS[node.target].parameters
+    index = parameters.index(name)
+    if index < len(node.args):
+        node.update_arg(index, value)
+    else:
+        node.update_kwarg(name, value)

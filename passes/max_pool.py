@@ -1,0 +1,42 @@
+"""Blur strided max pools (``nn.MaxPool2d`` modules and ``F.max_pool2d`` calls)."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+from fxblur.passes.window_pass import WindowOpPass
+
+from fxblur.ceil_mode import pad_for_ceil_mode
+from fxblur.ops import WindowOp
+
+
+class BlurMaxPools(WindowOpPass):
+    """Anti-alias every max pool with a stride above 1; stride-1 pools are left alone.
+
+    Pools that return indices are skipped: the indices point into the pool's input, and
+    a consumer such as ``MaxUnpool2d`` relies on them matching the strided pool. A
+    ``ceil_mode`` pool run at stride 1 gets ``-inf`` padding first, so that it still
+    computes its last, partial windows (see ``fxblur.ceil_mode``).
+
+    Example:
+        >>> from torch.fx.passes.infra.pass_manager import PassManager
+        >>> gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.MaxPool2d(3, 2)))
+        >>> PassManager([BlurMaxPools(BlurOptions(blur_first=False))])(gm).modified
+        True
+    """
+
+    kind = "max_pool"
+
+    def skip_reason(self, op: WindowOp, gm: fx.GraphModule) -> str:
+        reason = super().skip_reason(op, gm)
+        if not reason and op.return_indices:
+            reason = "return_indices=True: the indices must refer to the strided pool's input"
+        return reason
+
+    def run_at_stride_one(self, gm: fx.GraphModule, op: WindowOp) -> None:
+        if op.ceil_mode:
+            geometry = (op.kernel_size, op.stride, op.padding, op.dilation)
+            with gm.graph.inserting_before(op.node):
+                padded = gm.graph.call_function(pad_for_ceil_mode, (op.input, *geometry))
+            padded.meta["is_wrapped"] = True  # the generated code re-registers torch.fx.wrap
+            op.replace_input(padded)
+        super().run_at_stride_one(gm, op)

@@ -1,0 +1,170 @@
+"""The shared shape of every blur pass: find strided ops of one kind, skip or blur each.
+
+A pass walks ``graph.nodes`` once. For every op of its kind that downsamples, it either
+records why it leaves the op alone, or rewrites it and records how:
+
+- ``blur_before``: a stride-1 blur along the subsampled axes feeds the op, which keeps
+  its stride (``blur_first=True``);
+- ``blur_after``: the op runs at stride 1 and a blur of the op's stride subsamples its
+  output to exactly the size the op produced before (``blur_first=False``).
+
+Subclasses name the kind of op and add their own reasons to skip.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from fxblur.changes import Change, record
+from fxblur.cloning import share_tensors
+from fxblur.module import Blur
+from fxblur.ops import WindowOp, read_window_op, set_call_argument
+from fxblur.options import BlurOptions
+
+BLUR_CONTAINER = "fxblur"
+
+
+class Blurs(nn.ModuleDict):
+    """The container, at ``gm.fxblur``, of the blur modules a rewrite adds."""
+
+
+class WindowOpPass(PassBase):
+    """Blur every downsampling op of ``kind`` (``"conv"``, ``"max_pool"``, ...) in a graph.
+
+    One instance may run over several graphs of the same model (its train and eval
+    graphs): a module that must run at stride 1 is replaced by the same stride-1 copy in
+    every graph.
+    """
+
+    kind: str
+
+    def __init__(self, options: BlurOptions) -> None:
+        self.options = options
+        self._stride_one: dict[int, nn.Module] = {}
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        modified = False
+        for node in list(graph_module.graph.nodes):
+            op = read_window_op(node, graph_module)
+            if op is None or op.kind != self.kind or not op.downsamples:
+                continue
+            reason = self.skip_reason(op, graph_module)
+            if reason:
+                record(graph_module, _change(op, "skipped", reason))
+            elif self.options.blur_first:
+                self.blur_before(graph_module, op)
+                modified = True
+            else:
+                self.blur_after(graph_module, op)
+                modified = True
+        return PassResult(graph_module, modified)
+
+    def skip_reason(self, op: WindowOp, gm: fx.GraphModule) -> str:
+        """Why ``op`` must be left alone, or ``""``. Subclasses add their own reasons."""
+        pattern = self.options.excluded(op.target)
+        if pattern is not None:
+            return f"excluded by {pattern!r}"
+        if op.custom_forward:
+            return f"{type(op.module).__name__} overrides forward"
+        if _is_blurred_before(op, gm):
+            return "already blurred"
+        return ""
+
+    def blur_before(self, gm: fx.GraphModule, op: WindowOp) -> None:
+        blur = Blur(_strided_axes_filter(op, self.options), 1, self.options.padding_mode, op.dims)
+        path = add_blur(gm, op.target, blur)
+        with gm.graph.inserting_before(op.node):
+            blurred = gm.graph.call_module(path, (op.input,))
+        op.replace_input(blurred)
+        record(gm, _change(op, "blur_before", blur=path, blur_node=blurred.name))
+
+    def blur_after(self, gm: fx.GraphModule, op: WindowOp) -> None:
+        self.run_at_stride_one(gm, op)
+        blur = Blur(_strided_axes_filter(op, self.options), op.stride, self.options.padding_mode, op.dims)
+        path = add_blur(gm, op.target, blur)
+        with gm.graph.inserting_after(op.node):
+            blurred = gm.graph.call_module(path, (op.node,))
+        op.node.replace_all_uses_with(blurred, delete_user_cb=lambda user: user is not blurred)
+        record(gm, _change(op, "blur_after", blur=path, blur_node=blurred.name))
+
+    def run_at_stride_one(self, gm: fx.GraphModule, op: WindowOp) -> None:
+        """Make ``op`` compute every window (at stride 1 a pool's ``ceil_mode`` has no effect)."""
+        ones = (1,) * op.dims
+        if op.module is None:
+            set_call_argument(op.node, "stride", ones)
+            if op.ceil_mode:
+                set_call_argument(op.node, "ceil_mode", False)
+            return
+        if id(op.module) not in self._stride_one:
+            module = share_tensors(op.module)
+            module.stride = ones
+            if hasattr(module, "ceil_mode"):
+                module.ceil_mode = False
+            self._stride_one[id(op.module)] = module
+        owner, _, name = op.target.rpartition(".")
+        setattr(gm.get_submodule(owner), name, self._stride_one[id(op.module)])
+
+
+def add_blur(gm: fx.GraphModule, name: str, blur: Blur) -> str:
+    """Install ``blur`` under ``gm.fxblur`` and return its path.
+
+    The name is ``name`` with dots turned into underscores; an equal blur already there
+    is reused, a different one gets a numbered name.
+    """
+    container = getattr(gm, BLUR_CONTAINER, None)
+    if container is None:
+        container = Blurs()
+        gm.add_module(BLUR_CONTAINER, container)
+    elif not isinstance(container, Blurs):
+        raise ValueError(f"the model already has an attribute named {BLUR_CONTAINER!r}; fxblur needs that name")
+    base = name.replace(".", "_")
+    for key in chain([base], (f"{base}_{i}" for i in range(1, len(container) + 2))):
+        if key not in container:
+            container[key] = blur.to(_device_of(gm))
+            return f"{BLUR_CONTAINER}.{key}"
+        if container[key].spec == blur.spec:
+            return f"{BLUR_CONTAINER}.{key}"
+    raise AssertionError("unreachable: a free name always exists")
+
+
+def _strided_axes_filter(op: WindowOp, options: BlurOptions) -> tuple[int, ...]:
+    """Filter taps per axis: the option's size along subsampled axes, 1 (none) elsewhere."""
+    return tuple(options.filter_size if s > 1 else 1 for s in op.stride)
+
+
+def _is_blurred_before(op: WindowOp, gm: fx.GraphModule) -> bool:
+    source = op.input
+    if source.op != "call_module" or not isinstance(gm.get_submodule(source.target), Blur):
+        return False
+    blur = gm.get_submodule(source.target)
+    return all(s == 1 for s in blur.stride) and all(
+        k > 1 for k, s in zip(blur.filter_size, op.stride, strict=True) if s > 1
+    )
+
+
+def _device_of(gm: fx.GraphModule) -> torch.device:
+    tensor = next(chain(gm.parameters(), gm.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
+def _change(
+    op: WindowOp, action: str, reason: str = "", blur: str | None = None, blur_node: str | None = None
+) -> Change:
+    return Change(
+        target=op.target,
+        op=op.op,
+        action=action,
+        reason=reason,
+        kernel_size=op.kernel_size,
+        stride=op.stride,
+        in_channels=op.in_channels,
+        out_channels=op.out_channels,
+        node=op.node.name,
+        blur=blur,
+        blur_node=blur_node,
+    )
