@@ -1,0 +1,28 @@
+"""fxblur: anti-aliased CNNs (BlurPool, Zhang 2019) as a torch.fx graph rewrite.
+
+Example:
+    >>> import torchvision, fxblur
+    >>> gm = fxblur.transform(torchvision.models.resnet50(), verbose=False)
+    >>> [c.target for c in fxblur.changes(gm) if c.action != "skipped"][:3]
+    ['maxpool', 'layer2.0.conv2', 'layer2.0.downsample.0']
+"""
+
+from fxblur.blur import blur
+from fxblur.changes import Change, changes
+from fxblur.module import Blur
+from fxblur.report import Report, report
+from fxblur.tracer import BlurTracer, UntraceableModelError
+from fxblur.transform import NoEffectWarning, transform
+
+__all__ = [
+    "Blur",
+    "BlurTracer",
+    "Change",
+    "NoEffectWarning",
+    "Report",
+    "UntraceableModelError",
+    "blur",
+    "changes",
+    "report",
+    "transform",
+]

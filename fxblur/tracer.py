@@ -1,0 +1,127 @@
+"""Symbolic tracing of a model into the graph that the blur passes rewrite.
+
+``BlurTracer`` is torch.fx's ``Tracer`` with two changes:
+
+- every conv, pool and ``Blur`` module is a leaf, including subclasses from other
+  libraries (timm's ``Conv2dSame``, ``StdConv2d``): the passes then see the call and can
+  decide on it, instead of tracing into code whose arithmetic they cannot rewrite;
+- ``leaf_modules`` adds the user's own leaves, by class or by module path.
+
+When tracing fails, ``trace`` raises ``UntraceableModelError`` naming the module and the
+source line that failed. Tips for making a model traceable:
+
+- data-dependent control flow (``if x.sum() > 0``) or calls into code that
+  inspects tensors cannot be traced; pass the module that holds it in ``leaf_modules``
+  (it is then called as a whole, and strided ops inside it are left alone);
+- branches on a non-tensor argument (``def forward(self, x, return_features=False)``)
+  can be fixed with ``concrete_args={"return_features": False}``;
+- ``torch.fx.wrap("fn")`` at module level makes a free function opaque to tracing.
+
+Example:
+    >>> graph = trace(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2)))
+    >>> [node.op for node in graph.nodes]
+    ['placeholder', 'call_module', 'output']
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import traceback
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.proxy import TraceError
+
+from fxblur.module import Blur
+
+ALWAYS_LEAVES = (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, Blur)
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_FXBLUR_DIR = os.path.dirname(__file__)
+
+
+class UntraceableModelError(TraceError):
+    """torch.fx could not trace the model; the message says where and what to try."""
+
+
+class BlurTracer(fx.Tracer):
+    """A ``torch.fx.Tracer`` that keeps convs, pools, blurs and ``leaf_modules`` as calls.
+
+    Args:
+        leaf_modules: module classes, or module paths such as ``"backbone.stem"``, to call
+            as a whole instead of tracing through.
+    """
+
+    def __init__(self, leaf_modules: Iterable[type[nn.Module] | str] = ()) -> None:
+        super().__init__()
+        leaf_modules = tuple(leaf_modules)
+        self.leaf_classes = ALWAYS_LEAVES + tuple(m for m in leaf_modules if isinstance(m, type))
+        self.leaf_paths = frozenset(m for m in leaf_modules if isinstance(m, str))
+        self.failed_module: tuple[str, type[nn.Module]] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (
+            isinstance(m, self.leaf_classes)
+            or module_qualified_name in self.leaf_paths
+            or super().is_leaf_module(m, module_qualified_name)
+        )
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:  # the innermost module fails first
+                path = next((name for name, sub in self.root.named_modules() if sub is m), "?")
+                self.failed_module = (path, type(m))
+            raise
+
+
+def trace(
+    root: nn.Module,
+    leaf_modules: Iterable[type[nn.Module] | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.Graph:
+    """Trace ``root`` with ``BlurTracer``; ``UntraceableModelError`` if torch.fx cannot."""
+    tracer = BlurTracer(leaf_modules)
+    try:
+        return tracer.trace(root, concrete_args)
+    except Exception as error:
+        raise UntraceableModelError(_explain(root, tracer.failed_module, error)) from error
+
+
+def _explain(root: nn.Module, failed_module: tuple[str, type] | None, error: Exception) -> str:
+    model = type(root).__name__
+    where = ""
+    if failed_module is not None:
+        path, cls = failed_module
+        where = f" in module `{path or '(root)'}` ({cls.__name__})"
+    line = _user_line(error)
+    if line:
+        where += f" at {line}"
+    leaf_hint = "leaf_modules=[...]"
+    if failed_module is not None and failed_module[0]:
+        leaf_hint = f"leaf_modules=[{failed_module[1].__name__}]"
+    return (
+        f"fxblur could not trace {model}{where}: {type(error).__name__}: {error}\n"
+        f"Hint: call the failing module as a whole with transform(model, {leaf_hint}) "
+        "(strided ops inside it are then left alone), or fix the non-tensor inputs that "
+        "drive its control flow with concrete_args={...}."
+    )
+
+
+def _user_line(error: Exception) -> str | None:
+    """``file:line: source`` of the innermost frame outside torch and fxblur."""
+    frames = [
+        frame
+        for frame in traceback.extract_tb(error.__traceback__)
+        if not frame.filename.startswith((_TORCH_DIR, _FXBLUR_DIR)) and frame.filename != "<string>"
+    ]
+    if not frames:
+        return None
+    frame = frames[-1]
+    source = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+    return f"{frame.filename}:{frame.lineno}: {source}"

@@ -1,0 +1,171 @@
+"""``transform``: make a model anti-aliased by rewriting its torch.fx graph."""
+
+from __future__ import annotations
+
+import copy as copy_module
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.infra.pass_manager import PassManager
+
+from fxblur.changes import Change, recorded, store
+from fxblur.cloning import share_tensors
+from fxblur.graph_module import assemble, install_called_modules
+from fxblur.options import BlurOptions
+from fxblur.passes import BlurMaxPools, BlurStridedConvs
+from fxblur.passes.window_pass import BLUR_CONTAINER, Blurs
+from fxblur.report import report
+from fxblur.tracer import trace
+
+
+class NoEffectWarning(UserWarning):
+    """``transform`` found nothing to blur (like Composer's ``NoEffectWarning``)."""
+
+
+def transform(
+    model: nn.Module,
+    *,
+    replace_convs: bool = True,
+    replace_maxpools: bool = True,
+    blur_first: bool = True,
+    min_channels: int = 16,
+    filter_size: int = 3,
+    padding_mode: str = "reflect",
+    exclude: str | Iterable[str] = (),
+    copy: bool = False,
+    leaf_modules: Iterable[type[nn.Module] | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+    verbose: bool = True,
+) -> fx.GraphModule:
+    """Return an anti-aliased (BlurPool) version of ``model`` as a ``torch.fx.GraphModule``.
+
+    The model is traced, every conv and max pool with a stride above 1 gets a binomial
+    low-pass filter, and the result is compiled into a new module. The original model is
+    not modified in any way.
+
+    Args:
+        model: any ``nn.Module`` that torch.fx can trace.
+        replace_convs: blur strided convolutions (``nn.Conv2d``, ``F.conv2d``).
+        replace_maxpools: blur strided max pools (``nn.MaxPool2d``, ``F.max_pool2d``).
+        blur_first: ``True`` blurs at stride 1 before the op, which keeps its stride
+            (cheapest); ``False`` runs the op at stride 1 and lets the blur subsample.
+        min_channels: leave convs with fewer input channels alone (e.g. an RGB stem).
+        filter_size: taps of the binomial filter, 1 to 7.
+        padding_mode: how the blur pads: ``"reflect"``, ``"replicate"``, ``"zeros"`` or
+            ``"circular"``.
+        exclude: glob patterns over targets (module paths such as ``"layer4.*"``, or node
+            names of functional calls such as ``"max_pool2d_1"``) to leave alone.
+        copy: give the result its own copy of the parameters; by default it shares the
+            original's Parameter objects, so an optimizer built earlier keeps working.
+        leaf_modules: module classes or paths to call as a whole instead of tracing into
+            (for code torch.fx cannot trace; strided ops inside them are not blurred).
+        concrete_args: fixed values for non-tensor ``forward`` arguments, as in
+            ``torch.fx.symbolic_trace``.
+        verbose: print the change report.
+
+    Returns:
+        A ``GraphModule`` with the original's ``state_dict()`` keys, mode, device and dtype.
+        ``fxblur.changes(gm)`` lists what was blurred and what was skipped, and why.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: an option is invalid (raised before any work is done).
+        fxblur.UntraceableModelError: torch.fx cannot trace the model; the message names
+            the module and line, and what to try.
+
+    Example:
+        >>> model = torchvision.models.resnet50()
+        >>> gm = fxblur.transform(model, verbose=False)
+        >>> gm(torch.randn(1, 3, 224, 224)).shape
+        torch.Size([1, 1000])
+        >>> sorted(gm.state_dict()) == sorted(model.state_dict())
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"transform expects an nn.Module, got {type(model).__name__}")
+    options = BlurOptions(
+        replace_convs=replace_convs,
+        replace_maxpools=replace_maxpools,
+        blur_first=blur_first,
+        min_channels=min_channels,
+        filter_size=filter_size,
+        padding_mode=padding_mode,
+        exclude=exclude,
+    )
+    leaf_modules = _check_tracing_options(copy, leaf_modules, concrete_args, verbose)
+    container = getattr(model, BLUR_CONTAINER, None)
+    if container is not None and not isinstance(container, Blurs):
+        raise ValueError(f"the model has an attribute named {BLUR_CONTAINER!r}, which fxblur needs for its blurs")
+
+    root = copy_module.deepcopy(model) if copy else share_tensors(model)
+    graphs = _trace_each_mode(root, leaf_modules, concrete_args)
+    passes = [BlurStridedConvs(options)] if replace_convs else []
+    passes += [BlurMaxPools(options)] if replace_maxpools else []
+    blurs = getattr(root, BLUR_CONTAINER, None)
+    blurs = Blurs() if blurs is None else blurs
+    rewritten = []
+    for graph in dict.fromkeys(graphs.values()):  # the current mode's graph first
+        gm = fx.GraphModule(root, graph)
+        gm.add_module(BLUR_CONTAINER, blurs)
+        rewritten.append((gm, PassManager(passes)(gm).modified))
+        gm.graph.lint()
+    # Only now may root take the rewritten modules: every graph had to see the originals.
+    decisions: dict[str, Change] = {}
+    for gm, _ in rewritten:
+        install_called_modules(root, gm)
+        for change in recorded(gm):
+            decisions.setdefault(change.target, change)
+    modified = any(modified for _, modified in rewritten)
+
+    result = assemble(root, graphs[True], graphs[False])
+    order = {node.name: i for i, node in enumerate(graphs[root.training].nodes)}
+    store(result, sorted(decisions.values(), key=lambda change: order.get(change.node, len(order))))
+    if not modified:
+        warnings.warn(
+            f"fxblur found nothing to blur in {type(model).__name__}: no conv or max pool with a "
+            f"stride above 1 that the options allow ({len(decisions)} considered)",
+            NoEffectWarning,
+            stacklevel=2,
+        )
+    if verbose:
+        print(report(result))
+    return result
+
+
+def _trace_each_mode(root: nn.Module, leaf_modules: tuple, concrete_args: dict | None) -> dict[bool, fx.Graph]:
+    """Trace ``root`` as it is, then in the other mode; one graph if both are the same.
+
+    Per-module modes are restored afterwards (``root`` is fxblur's own copy, but a model
+    in train mode with frozen BatchNorms in eval should come back exactly so).
+    """
+    modes = {module: module.training for module in root.modules()}
+    current = root.training
+    try:
+        graphs = {current: trace(root, leaf_modules, concrete_args)}
+        root.train(not current)
+        graphs[not current] = trace(root, leaf_modules, concrete_args)
+    finally:
+        root.train(current)  # lets a TrainEvalGraphModule switch back to its graph
+        for module, training in modes.items():
+            module.training = training
+    if graphs[True].python_code("self").src == graphs[False].python_code("self").src:
+        graphs[not current] = graphs[current]
+    return graphs
+
+
+def _check_tracing_options(copy: Any, leaf_modules: Any, concrete_args: Any, verbose: Any) -> tuple:
+    for name, value in (("copy", copy), ("verbose", verbose)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    if isinstance(leaf_modules, (str, type)):
+        leaf_modules = (leaf_modules,)
+    leaf_modules = tuple(leaf_modules)
+    for leaf in leaf_modules:
+        if not (isinstance(leaf, str) or (isinstance(leaf, type) and issubclass(leaf, nn.Module))):
+            raise ValueError(f"leaf_modules must hold nn.Module classes or module paths, got {leaf!r}")
+    if concrete_args is not None and not isinstance(concrete_args, dict):
+        raise ValueError(f"concrete_args must be a dict of argument name to value, got {concrete_args!r}")
+    return leaf_modules
