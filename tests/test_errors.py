@@ -1,0 +1,114 @@
+"""Bad input fails early, clearly, and leaves the model as it was."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torchvision
+from conftest import assert_same_snapshot, snapshot
+from torch import nn
+
+import fxblur
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            return x
+        return -x
+
+
+class GatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, stride=2)
+        self.gate = Gate()
+
+    def forward(self, x):
+        return self.gate(self.conv(x))
+
+
+def test_untraceable_model_names_module_line_and_remedies():
+    model = GatedNet()
+    before = snapshot(model)
+    with pytest.raises(fxblur.UntraceableModelError) as error:
+        fxblur.transform(model, verbose=False)
+    message = str(error.value)
+    assert "GatedNet" in message and "module `gate` (Gate)" in message
+    assert "test_errors.py" in message and "if x.sum() > 0:" in message
+    assert "leaf_modules=[Gate]" in message and "concrete_args" in message
+    assert isinstance(error.value, torch.fx.proxy.TraceError)
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_leaf_modules_make_it_traceable():
+    model = GatedNet()
+    for leaf in (Gate, "gate"):
+        gm = fxblur.transform(model, leaf_modules=[leaf], verbose=False)
+        assert [c.target for c in fxblur.changes(gm)] == ["conv"]
+        x = torch.randn(1, 16, 9, 9)
+        assert gm(x).shape == model(x).shape
+
+
+def test_concrete_args_fix_a_flag_argument():
+    class Flagged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = nn.MaxPool2d(2)
+
+        def forward(self, x, flatten: bool = True):
+            y = self.pool(x)
+            if flatten:
+                return y.flatten(1)
+            return y
+
+    with pytest.raises(fxblur.UntraceableModelError):
+        fxblur.transform(Flagged(), verbose=False)
+    gm = fxblur.transform(Flagged(), concrete_args={"flatten": False}, verbose=False)
+    assert gm(torch.randn(1, 2, 8, 8), False).shape == (1, 2, 4, 4)  # torch.fx asserts the fixed value
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"filter_size": 0}, "filter_size must be an int from 1 to 7"),
+        ({"filter_size": 3.0}, "filter_size"),
+        ({"padding_mode": "mirror"}, "padding_mode must be one of"),
+        ({"min_channels": -1}, "min_channels"),
+        ({"min_channels": True}, "min_channels"),
+        ({"blur_first": "yes"}, "blur_first must be True or False"),
+        ({"replace_convs": None}, "replace_convs"),
+        ({"exclude": [1]}, "exclude must be glob patterns"),
+        ({"exclude": 3}, "exclude must be glob patterns"),
+        ({"copy": 1}, "copy must be True or False"),
+        ({"verbose": "no"}, "verbose"),
+        ({"leaf_modules": [int]}, "leaf_modules"),
+        ({"concrete_args": ["x"]}, "concrete_args must be a dict"),
+    ],
+)
+def test_bad_options_raise_value_error_before_any_work(options, message, monkeypatch):
+    traced = []
+    monkeypatch.setattr(importlib.import_module("fxblur.transform"), "trace", lambda *a, **k: traced.append(1))
+    with pytest.raises(ValueError, match=message):
+        fxblur.transform(nn.Conv2d(16, 16, 3, stride=2), **options)
+    assert not traced
+
+
+@pytest.mark.parametrize("model", [torchvision.models.resnet18, "resnet18", None, lambda x: x])
+def test_non_module_argument_raises_type_error(model):
+    with pytest.raises(TypeError, match=r"expects an nn\.Module"):
+        fxblur.transform(model)
+
+
+def test_changes_of_a_foreign_module_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"was not returned by fxblur\.transform"):
+        fxblur.changes(torch.fx.symbolic_trace(nn.Conv2d(1, 1, 1)))
+
+
+def test_a_model_attribute_named_fxblur_is_reported():
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2))
+    model.fxblur = nn.Identity()
+    with pytest.raises(ValueError, match="attribute named 'fxblur'"):
+        fxblur.transform(model, verbose=False)

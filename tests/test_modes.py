@@ -1,0 +1,85 @@
+"""Models whose forward reads self.training behave like the original in both modes."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+
+import fxblur
+
+
+def inception_v3():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torchvision.models.inception_v3(init_weights=False)
+
+
+@pytest.mark.parametrize("blur_first", [True, False])
+def test_inception_v3_aux_logits_in_train_mode_only(blur_first):
+    model = inception_v3().eval()
+    # a 1-tap filter makes every blur the identity: the rewritten graph must then compute
+    # exactly what the original computes, which tests the graph picked for each mode
+    gm = fxblur.transform(model, blur_first=blur_first, filter_size=1, copy=True, verbose=False)
+    x = torch.randn(2, 3, 299, 299)  # the aux head needs 17x17 maps
+    torch.testing.assert_close(gm(x), model(x))
+    gm.train()
+    out = gm(x)
+    assert type(out).__name__ == "InceptionOutputs"
+    assert out.logits.shape == out.aux_logits.shape == (2, 1000)
+    gm.eval()
+    assert isinstance(gm(x), torch.Tensor)
+    gm.load_state_dict(model.state_dict())  # undo the running statistics of the train step
+    torch.testing.assert_close(gm(x), model(x))
+    assert not model.training
+
+
+def stochastic_depth_training_flags(gm) -> set[bool]:
+    """The ``training`` argument the graph passes to torchvision's stochastic_depth."""
+    calls = [n for n in gm.graph.nodes if getattr(n.target, "__name__", "") == "stochastic_depth"]
+    assert calls
+    return {n.args[3] for n in calls}
+
+
+def test_efficientnet_stochastic_depth_follows_the_mode():
+    model = torchvision.models.efficientnet_b0().eval()
+    gm = fxblur.transform(model, filter_size=1, copy=True, verbose=False)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(gm(x), model(x))
+    assert stochastic_depth_training_flags(gm) == {False}
+    gm.train()
+    assert stochastic_depth_training_flags(gm) == {True}
+    assert gm(x).shape == (2, 1000)
+    gm.eval()
+    gm.load_state_dict(model.state_dict())
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_model_traced_in_train_mode_starts_in_train_mode():
+    model = inception_v3().train()
+    gm = fxblur.transform(model, verbose=False)
+    assert gm.training
+    assert type(gm(torch.randn(2, 3, 299, 299))).__name__ == "InceptionOutputs"
+    assert all(m.training for m in model.modules())
+
+
+def test_models_without_mode_dependence_get_one_graph():
+    gm = fxblur.transform(torchvision.models.resnet18(), verbose=False)
+    assert type(gm).__mro__[1] is torch.fx.GraphModule
+
+
+def test_transforming_a_two_graph_result_again_changes_nothing():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torchvision.models.googlenet(init_weights=False).eval()
+    once = fxblur.transform(model, blur_first=False, verbose=False)
+    code, graph = once.code, once.graph
+    with pytest.warns(fxblur.NoEffectWarning):
+        twice = fxblur.transform(once, blur_first=False, verbose=False)
+    assert (once.code, once.graph, once.graph.owning_module) == (code, graph, once)  # input untouched
+    assert twice.code == once.code
+    x = torch.randn(2, 3, 75, 75)
+    torch.testing.assert_close(twice(x), once(x))
+    assert twice.train().code == once.train().code
