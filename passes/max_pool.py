@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch.fx as fx
-from fxblur.passes.window_pass import WindowOpPass
 
 from fxblur.ceil_mode import pad_for_ceil_mode
 from fxblur.ops import WindowOp
+from fxblur.passes.window_pass import WindowOpPass
 
 
 class BlurMaxPools(WindowOpPass):

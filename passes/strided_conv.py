@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch.fx as fx
-from fxblur.passes.window_pass import WindowOpPass
 
 from fxblur.ops import WindowOp
+from fxblur.passes.window_pass import WindowOpPass
 
 
 class BlurStridedConvs(WindowOpPass):

@@ -7,10 +7,10 @@ import importlib
 import pytest
 import torch
 import torchvision
-from conftest import assert_same_snapshot, snapshot
 from torch import nn
 
 import fxblur
+from support import assert_same_snapshot, snapshot
 
 
 class Gate(nn.Module):

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import assert_same_snapshot, layer_shapes, snapshot
 from torch import nn
 
 import fxblur
 from fxblur import Blur, NoEffectWarning
+from support import assert_same_snapshot, layer_shapes, snapshot
 
 
 def blurred(gm) -> dict[str, str]:

@@ -11,9 +11,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import IMAGE_ZOO, VIDEO_ZOO, input_sizes, layer_shapes, meta_model
 
 import fxblur
+from support import IMAGE_ZOO, VIDEO_ZOO, input_sizes, layer_shapes, meta_model
 
 # Transformers whose only strided op is a patchify stem on 3 channels (< min_channels).
 NOTHING_TO_BLUR = {name for name in IMAGE_ZOO + VIDEO_ZOO if name.startswith(("vit_", "swin_", "swin3d_"))}
