@@ -40,8 +40,8 @@ from fxblur.module import Blur
 
 ALWAYS_LEAVES = (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, Blur)
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_FXBLUR_DIR = os.path.dirname(__file__)
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_FXBLUR_DIR = os.path.dirname(__file__) + os.sep
 
 
 class UntraceableModelError(TraceError):
@@ -102,19 +102,22 @@ def _explain(root: nn.Module, failed_module: tuple[str, type] | None, error: Exc
     line = _user_line(error)
     if line:
         where += f" at {line}"
-    leaf_hint = "leaf_modules=[...]"
     if failed_module is not None and failed_module[0]:
-        leaf_hint = f"leaf_modules=[{failed_module[1].__name__}]"
-    return (
-        f"fxblur could not trace {model}{where}: {type(error).__name__}: {error}\n"
-        f"Hint: call the failing module as a whole with transform(model, {leaf_hint}) "
-        "(strided ops inside it are then left alone), or fix the non-tensor inputs that "
-        "drive its control flow with concrete_args={...}."
-    )
+        hint = (
+            f"call the failing module as a whole with transform(model, leaf_modules=[{failed_module[1].__name__}]) "
+            "(strided ops inside it are then left alone), or fix the non-tensor inputs that drive its control "
+            "flow with concrete_args={...}."
+        )
+    else:
+        hint = (
+            f"{model}.forward itself cannot be traced: fix the non-tensor inputs that drive its control flow "
+            "with concrete_args={...}, or transform its traceable parts (such as its backbone) one by one."
+        )
+    return f"fxblur could not trace {model}{where}: {type(error).__name__}: {error}\nHint: {hint}"
 
 
 def _user_line(error: Exception) -> str | None:
-    """``file:line: source`` of the innermost frame outside torch and fxblur."""
+    """``file:line (`source`)`` of the innermost frame outside torch and fxblur."""
     frames = [
         frame
         for frame in traceback.extract_tb(error.__traceback__)
@@ -124,4 +127,4 @@ def _user_line(error: Exception) -> str | None:
         return None
     frame = frames[-1]
     source = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
-    return f"{frame.filename}:{frame.lineno}: {source}"
+    return f"{frame.filename}:{frame.lineno} (`{source}`)"
