@@ -36,9 +36,14 @@ class Change:
         reason: why it was skipped; empty otherwise.
         kernel_size, stride: the op's geometry as it was before the rewrite.
         in_channels, out_channels: for convs whose weight is known, else ``None``.
-        node: the op's node name in the rewritten graph.
         blur: path of the ``Blur`` module the rewrite inserted, if any.
-        blur_node: that blur's node name in the rewritten graph, if any.
+        node: the op's node in the rewritten graph.
+        input_node: the node that fed the op before the rewrite.
+        output_node: the node whose output now stands for the op's original output.
+        added_nodes: nodes the rewrite inserted (the blur, padding).
+        enlarged_nodes: nodes that now compute at full resolution (an op run at stride 1).
+
+    Node names refer to the graph of the mode the model was in when it was transformed.
     """
 
     target: str
@@ -49,9 +54,12 @@ class Change:
     stride: tuple[int, ...]
     in_channels: int | None
     out_channels: int | None
+    blur: str | None
     node: str
-    blur: str | None = None
-    blur_node: str | None = None
+    input_node: str
+    output_node: str
+    added_nodes: tuple[str, ...] = ()
+    enlarged_nodes: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -32,11 +32,12 @@ class BlurMaxPools(WindowOpPass):
             reason = "return_indices=True: the indices must refer to the strided pool's input"
         return reason
 
-    def run_at_stride_one(self, gm: fx.GraphModule, op: WindowOp) -> None:
-        if op.ceil_mode:
-            geometry = (op.kernel_size, op.stride, op.padding, op.dilation)
-            with gm.graph.inserting_before(op.node):
-                padded = gm.graph.call_function(pad_for_ceil_mode, (op.input, *geometry))
-            padded.meta["is_wrapped"] = True  # the generated code re-registers torch.fx.wrap
-            op.replace_input(padded)
-        super().run_at_stride_one(gm, op)
+    def run_at_stride_one(self, gm: fx.GraphModule, op: WindowOp) -> tuple[fx.Node, ...]:
+        if not op.ceil_mode:
+            return super().run_at_stride_one(gm, op)
+        geometry = (op.kernel_size, op.stride, op.padding, op.dilation)
+        with gm.graph.inserting_before(op.node):
+            padded = gm.graph.call_function(pad_for_ceil_mode, (op.input, *geometry))
+        padded.meta["is_wrapped"] = True  # the generated code re-registers torch.fx.wrap
+        op.replace_input(padded)
+        return (padded, *super().run_at_stride_one(gm, op))

@@ -57,10 +57,10 @@ class WindowOpPass(PassBase):
             if reason:
                 record(graph_module, _change(op, "skipped", reason))
             elif self.options.blur_first:
-                self.blur_before(graph_module, op)
+                record(graph_module, self.blur_before(graph_module, op))
                 modified = True
             else:
-                self.blur_after(graph_module, op)
+                record(graph_module, self.blur_after(graph_module, op))
                 modified = True
         return PassResult(graph_module, modified)
 
@@ -75,31 +75,46 @@ class WindowOpPass(PassBase):
             return "already blurred"
         return ""
 
-    def blur_before(self, gm: fx.GraphModule, op: WindowOp) -> None:
+    def blur_before(self, gm: fx.GraphModule, op: WindowOp) -> Change:
+        """Blur the op's input at stride 1; the op keeps its stride."""
         blur = Blur(_strided_axes_filter(op, self.options), 1, self.options.padding_mode, op.dims)
         path = add_blur(gm, op.target, blur)
+        source = op.input
         with gm.graph.inserting_before(op.node):
-            blurred = gm.graph.call_module(path, (op.input,))
+            blurred = gm.graph.call_module(path, (source,))
         op.replace_input(blurred)
-        record(gm, _change(op, "blur_before", blur=path, blur_node=blurred.name))
+        return _change(op, "blur_before", blur=path, input_node=source, added=(blurred,))
 
-    def blur_after(self, gm: fx.GraphModule, op: WindowOp) -> None:
-        self.run_at_stride_one(gm, op)
+    def blur_after(self, gm: fx.GraphModule, op: WindowOp) -> Change:
+        """Run the op at stride 1 and subsample its output with a blur."""
+        source = op.input
+        added = self.run_at_stride_one(gm, op)
         blur = Blur(_strided_axes_filter(op, self.options), op.stride, self.options.padding_mode, op.dims)
         path = add_blur(gm, op.target, blur)
         with gm.graph.inserting_after(op.node):
             blurred = gm.graph.call_module(path, (op.node,))
         op.node.replace_all_uses_with(blurred, delete_user_cb=lambda user: user is not blurred)
-        record(gm, _change(op, "blur_after", blur=path, blur_node=blurred.name))
+        return _change(
+            op,
+            "blur_after",
+            blur=path,
+            input_node=source,
+            output_node=blurred,
+            added=(*added, blurred),
+            enlarged=(op.node,),
+        )
 
-    def run_at_stride_one(self, gm: fx.GraphModule, op: WindowOp) -> None:
-        """Make ``op`` compute every window (at stride 1 a pool's ``ceil_mode`` has no effect)."""
+    def run_at_stride_one(self, gm: fx.GraphModule, op: WindowOp) -> tuple[fx.Node, ...]:
+        """Make ``op`` compute every window; return the nodes this needed to insert.
+
+        At stride 1 a pool's ``ceil_mode`` has no effect, so it is switched off.
+        """
         ones = (1,) * op.dims
         if op.module is None:
             set_call_argument(op.node, "stride", ones)
             if op.ceil_mode:
                 set_call_argument(op.node, "ceil_mode", False)
-            return
+            return ()
         if id(op.module) not in self._stride_one:
             module = share_tensors(op.module)
             module.stride = ones
@@ -108,6 +123,7 @@ class WindowOpPass(PassBase):
             self._stride_one[id(op.module)] = module
         owner, _, name = op.target.rpartition(".")
         setattr(gm.get_submodule(owner), name, self._stride_one[id(op.module)])
+        return ()
 
 
 def add_blur(gm: fx.GraphModule, name: str, blur: Blur) -> str:
@@ -153,7 +169,14 @@ def _device_of(gm: fx.GraphModule) -> torch.device:
 
 
 def _change(
-    op: WindowOp, action: str, reason: str = "", blur: str | None = None, blur_node: str | None = None
+    op: WindowOp,
+    action: str,
+    reason: str = "",
+    blur: str | None = None,
+    input_node: fx.Node | None = None,
+    output_node: fx.Node | None = None,
+    added: tuple[fx.Node, ...] = (),
+    enlarged: tuple[fx.Node, ...] = (),
 ) -> Change:
     return Change(
         target=op.target,
@@ -164,7 +187,10 @@ def _change(
         stride=op.stride,
         in_channels=op.in_channels,
         out_channels=op.out_channels,
-        node=op.node.name,
         blur=blur,
-        blur_node=blur_node,
+        node=op.node.name,
+        input_node=(input_node or op.input).name,
+        output_node=(output_node or op.node).name,
+        added_nodes=tuple(n.name for n in added),
+        enlarged_nodes=tuple(n.name for n in enlarged),
     )
