@@ -1,73 +1,230 @@
-"""The change report: what a rewrite blurred, what it skipped and why, as a table or data.
+"""The change report: what a rewrite blurred, what it skipped and why, and what it costs.
+
+Every row is one strided conv or pool the rewrite considered, taken from the decisions the
+passes recorded (``fxblur.changes``). Given an example input shape, the rewritten graph is
+run on fake tensors (no compute, no memory) and each row gains its feature-map sizes and
+the multiply-adds and activation memory the rewrite adds in a forward pass; the summary
+gains the model's MACs before and after.
+
+The costs come from the nodes each decision names: every inserted node (the blur,
+padding) counts in full, and every node that now runs at full resolution (an op moved to
+stride 1) counts by how much it grew compared with the output it stands for.
 
 Example:
     >>> gm = fxblur.transform(torchvision.models.resnet18(), verbose=False)
-    >>> report(gm).summary()
+    >>> r = report(gm, input_shape=(1, 3, 224, 224))
+    >>> row = r.rows[2]
+    >>> row.target, row.input_size, row.output_size, row.extra_macs
+    ('layer2.0.conv1', (56, 56), (28, 28), 1204224)
+    >>> r.summary().splitlines()[0]
     'ResNet: 7 blurred, 1 skipped'
-    >>> report(gm).records()[0]["reason"]
-    'in_channels 3 < min_channels 16'
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
 import torch.fx as fx
-from tabulate import tabulate
+from tabulate import tabulate, tabulate_formats
 
 from fxblur.changes import Change, changes
+from fxblur.costs import node_bytes, node_macs, output_of, propagate_shapes
+
+FORMATS = (*tabulate_formats, "json")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One strided op in the report; sizes and costs are ``None`` without an input shape."""
+
+    target: str
+    op: str
+    kernel_size: tuple[int, ...] | None
+    stride: tuple[int, ...]
+    in_channels: int | None
+    out_channels: int | None
+    action: str
+    reason: str
+    input_size: tuple[int, ...] | None = None
+    output_size: tuple[int, ...] | None = None
+    extra_macs: int | None = None
+    extra_bytes: int | None = None
 
 
 @dataclass(frozen=True)
 class Report:
-    """The decisions of one rewrite, ready to print (``str(report)``) or to process."""
+    """The decisions and costs of one rewrite: print it, or read ``rows`` / ``records()``."""
 
     model: str
-    changes: tuple[Change, ...]
+    rows: tuple[Row, ...]
+    input_shape: tuple[int, ...] | None = None
+    macs_before: int | None = None
+    macs_after: int | None = None
+
+    @property
+    def blurred(self) -> int:
+        return sum(row.action != "skipped" for row in self.rows)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.rows) - self.blurred
+
+    @property
+    def overhead(self) -> float | None:
+        """Extra MACs of the rewrite as a fraction of the model's MACs before it."""
+        if not self.macs_before:
+            return None
+        return (self.macs_after - self.macs_before) / self.macs_before
 
     def records(self) -> list[dict[str, Any]]:
-        """One plain dict per strided op considered."""
-        return [change.as_dict() for change in self.changes]
+        """One plain dict per row (tuples as lists, as in JSON)."""
+        return json.loads(json.dumps([asdict(row) for row in self.rows]))
 
     def summary(self) -> str:
-        counts = Counter("skipped" if c.action == "skipped" else "blurred" for c in self.changes)
-        return f"{self.model}: {counts['blurred']} blurred, {counts['skipped']} skipped"
+        lines = [f"{self.model}: {self.blurred} blurred, {self.skipped} skipped"]
+        if not self.rows:
+            lines[0] = f"{self.model}: no conv or max pool with a stride above 1, nothing to blur"
+        elif not self.blurred:
+            reasons = sorted({row.reason for row in self.rows})
+            lines[0] += f" - nothing blurred ({'; '.join(reasons)})"
+        if self.macs_before is not None:
+            size = "x".join(map(str, self.input_shape))
+            lines.append(
+                f"MACs at {size}: {_count(self.macs_before)} -> {_count(self.macs_after)} "
+                f"({self.overhead:+.2%}); extra activations {_bytes(sum(r.extra_bytes for r in self.rows))}"
+            )
+        return "\n".join(lines)
 
     def table(self, tablefmt: str = "simple") -> str:
-        rows = [
-            [
-                c.target,
-                c.op,
-                _size(c.kernel_size),
-                _size(c.stride),
-                _channels(c),
-                c.action if c.action != "skipped" else f"skipped: {c.reason}",
-            ]
-            for c in self.changes
-        ]
+        """The rows as a table in any ``tabulate`` format."""
+        sized = self.input_shape is not None
         headers = ["target", "op", "kernel", "stride", "channels", "action"]
-        return tabulate(rows, headers, tablefmt=tablefmt)
+        headers += ["in -> out", "extra MACs", "extra memory"] if sized else []
+        table = []
+        for row in self.rows:
+            cells = [
+                row.target,
+                row.op,
+                _size(row.kernel_size),
+                _size(row.stride),
+                "" if row.in_channels is None else f"{row.in_channels}->{row.out_channels}",
+                row.action if row.action != "skipped" else f"skipped: {row.reason}",
+            ]
+            if sized:
+                cells += [
+                    f"{_size(row.input_size)} -> {_size(row.output_size)}",
+                    _count(row.extra_macs) if row.action != "skipped" else "",
+                    _bytes(row.extra_bytes) if row.action != "skipped" else "",
+                ]
+            table.append(cells)
+        return tabulate(table, headers, tablefmt=tablefmt, disable_numparse=True)
 
     def json(self) -> str:
-        return json.dumps({"model": self.model, "summary": self.summary(), "records": self.records()}, indent=2)
+        return json.dumps(
+            {
+                "model": self.model,
+                "input_shape": self.input_shape,
+                "blurred": self.blurred,
+                "skipped": self.skipped,
+                "macs_before": self.macs_before,
+                "macs_after": self.macs_after,
+                "overhead": self.overhead,
+                "records": self.records(),
+            },
+            indent=2,
+        )
+
+    def render(self, format: str = "simple") -> str:
+        """``json()`` for ``"json"``, else the table in that tabulate format and the summary."""
+        if format == "json":
+            return self.json()
+        if not self.rows:
+            return self.summary()
+        return f"{self.table(format)}\n{self.summary()}"
 
     def __str__(self) -> str:
-        return f"{self.table()}\n{self.summary()}"
+        return self.render()
 
 
-def report(gm: fx.GraphModule) -> Report:
-    """The change report of a GraphModule returned by ``fxblur.transform``."""
-    return Report(model=type(gm).__name__, changes=tuple(changes(gm)))
+def report(gm: fx.GraphModule, input_shape: Sequence[int] | torch.Tensor | None = None) -> Report:
+    """The change report of a GraphModule returned by ``fxblur.transform``.
+
+    Args:
+        gm: the rewritten model.
+        input_shape: an example input shape such as ``(1, 3, 224, 224)`` (or a tensor, whose
+            shape, dtype and device are used). With it, rows gain feature-map sizes and costs.
+    """
+    decisions = changes(gm)
+    model = type(gm).__name__
+    if input_shape is None:
+        return Report(model, tuple(_row(change) for change in decisions))
+    example = input_shape if isinstance(input_shape, torch.Tensor) else _example(gm, tuple(input_shape))
+    propagate_shapes(gm, example)
+    nodes = {node.name: node for node in gm.graph.nodes}
+    rows = tuple(_row(change, nodes, gm) for change in decisions)
+    macs_after = sum(node_macs(node, gm) for node in gm.graph.nodes)
+    macs_before = macs_after - sum(row.extra_macs or 0 for row in rows)
+    return Report(model, rows, tuple(example.shape), macs_before, macs_after)
 
 
-def _size(values: tuple[int, ...] | None) -> str:
+def _row(change: Change, nodes: dict[str, fx.Node] | None = None, gm: fx.GraphModule | None = None) -> Row:
+    row = Row(
+        target=change.target,
+        op=change.op,
+        kernel_size=change.kernel_size,
+        stride=change.stride,
+        in_channels=change.in_channels,
+        out_channels=change.out_channels,
+        action=change.action,
+        reason=change.reason,
+    )
+    if nodes is None:
+        return row
+    spatial = len(change.stride)
+    before, after = output_of(nodes[change.input_node]), output_of(nodes[change.output_node])
+    extra_macs = extra_bytes = 0
+    for name in change.added_nodes:
+        extra_macs += node_macs(nodes[name], gm)
+        extra_bytes += node_bytes(nodes[name])
+    for name in change.enlarged_nodes:
+        growth = 1 - after.numel() / output_of(nodes[name]).numel()  # what it adds over what it stands for
+        extra_macs += round(node_macs(nodes[name], gm) * growth)
+        extra_bytes += round(node_bytes(nodes[name]) * growth)
+    return dataclasses.replace(
+        row,
+        input_size=tuple(before.shape[-spatial:]),
+        output_size=tuple(after.shape[-spatial:]),
+        extra_macs=extra_macs,
+        extra_bytes=extra_bytes,
+    )
+
+
+def _example(gm: fx.GraphModule, shape: tuple[int, ...]) -> torch.Tensor:
+    """An input of ``shape`` on the device and in the dtype of the model's parameters."""
+    reference = next(gm.parameters(), None)
+    if reference is None:
+        return torch.empty(shape, device="meta")
+    return torch.empty(shape, dtype=reference.dtype, device="meta" if reference.is_meta else reference.device)
+
+
+def _size(values: Sequence[int] | None) -> str:
     return "?" if values is None else "x".join(map(str, values))
 
 
-def _channels(change: Change) -> str:
-    if change.in_channels is None:
-        return ""
-    return f"{change.in_channels}->{change.out_channels}"
+def _count(value: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return str(value)
+
+
+def _bytes(value: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(value) >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value} B"
