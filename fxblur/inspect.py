@@ -1,0 +1,166 @@
+"""``python -m fxblur.inspect MODEL``: preview what fxblur would change in a model, and at what cost.
+
+MODEL is a torchvision name (``resnet50``), ``timm:NAME`` or ``package.module:factory``
+(see ``fxblur.models``). The model is built with random weights, rewritten with the given
+options, and its change report printed: every strided conv and pool, blurred or skipped
+with the reason, its feature-map sizes at the given input size, and the multiply-adds and
+activation memory the rewrite adds.
+
+Exit status: 0 on success; 2 for an unknown model or a bad option (one line, with close
+names); 1 when the model cannot be built or traced (a message, no traceback).
+
+Examples:
+    python -m fxblur.inspect resnet50
+    python -m fxblur.inspect resnet50 --blur-last --format github
+    python -m fxblur.inspect googlenet --input-size 225 --show-code
+    python -m fxblur.inspect mypackage.nets:small_cnn --min-channels 0 --format json
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+
+from torch import nn
+
+from fxblur.models import ModelSpecError, build, timm_available, torchvision_names
+from fxblur.report import FORMATS, report
+from fxblur.tracer import UntraceableModelError, trace
+from fxblur.transform import NoEffectWarning, transform
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line, with the closest option names for a mistyped one."""
+
+    def error(self, message: str) -> None:
+        if message.startswith("unrecognized arguments:"):
+            options = [o for action in self._actions for o in action.option_strings]
+            close = {o for word in message.split()[2:] for o in difflib.get_close_matches(word, options, n=2)}
+            if close:
+                message += f" (did you mean {', '.join(sorted(close))}?)"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m fxblur.inspect",
+        description="Preview the BlurPool rewrite of a model: what is blurred, skipped, and what it costs.",
+    )
+    p.add_argument("model", nargs="?", help="torchvision name, timm:NAME, or package.module:factory")
+    p.add_argument("--list", action="store_true", help="list the model names this tool knows and exit")
+    options = p.add_argument_group("rewrite options (as fxblur.transform)")
+    options.add_argument(
+        "--blur-last", action="store_true", help="run ops at stride 1 and blur after (blur_first=False)"
+    )
+    options.add_argument("--no-convs", action="store_true", help="leave strided convs alone (replace_convs=False)")
+    options.add_argument("--no-maxpools", action="store_true", help="leave max pools alone (replace_maxpools=False)")
+    options.add_argument("--min-channels", type=int, default=16, metavar="N", help="skip convs with fewer inputs")
+    options.add_argument("--filter-size", type=int, default=3, metavar="K", help="binomial filter taps, 1 to 7")
+    options.add_argument("--padding-mode", default="reflect", choices=["reflect", "replicate", "zeros", "circular"])
+    options.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="glob over targets; repeat")
+    options.add_argument("--leaf-module", action="append", default=[], metavar="PATH", help="call whole; repeat")
+    output = p.add_argument_group("output")
+    output.add_argument("--input-size", type=int, nargs="+", default=[224], metavar="H [W]", help="default 224")
+    output.add_argument("--frames", type=int, default=16, metavar="T", help="frames for video models (default 16)")
+    output.add_argument(
+        "--format", default="simple", choices=FORMATS, metavar="FORMAT", help="a tabulate format or json"
+    )
+    output.add_argument(
+        "--show-code",
+        nargs="?",
+        const="diff",
+        choices=["diff", "full"],
+        help="the rewritten forward, as a diff or full",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.list:
+        print(_model_list())
+        return 0
+    if args.model is None:
+        p.error("the following arguments are required: model (or --list)")
+    if not 1 <= len(args.input_size) <= 2 or min(args.input_size) < 1 or args.frames < 1:
+        p.error("--input-size takes one or two positive sizes (H [W]); --frames a positive count")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torchvision's init-weights notices
+            model = build(args.model)
+    except ModelSpecError as error:
+        p.error(str(error))
+    except Exception as error:  # the user's own factory failed
+        return _fail(f"could not build {args.model}: {type(error).__name__}: {error}")
+    options = {
+        "blur_first": not args.blur_last,
+        "replace_convs": not args.no_convs,
+        "replace_maxpools": not args.no_maxpools,
+        "min_channels": args.min_channels,
+        "filter_size": args.filter_size,
+        "padding_mode": args.padding_mode,
+        "exclude": args.exclude,
+        "leaf_modules": args.leaf_module,
+    }
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NoEffectWarning)  # the report says it in words
+            gm = transform(model, verbose=False, **options)
+    except ValueError as error:
+        if isinstance(error, UntraceableModelError):
+            return _fail(str(error))
+        p.error(str(error))
+    the_report = report(gm, input_shape(model, args.input_size, args.frames))
+    code = _code(model, gm, args.show_code, args.leaf_module) if args.show_code else None
+    if args.format == "json":
+        data = json.loads(the_report.json())
+        print(json.dumps(data if code is None else {**data, "code": code}, indent=2))
+    else:
+        print(the_report.render(args.format) + ("" if code is None else f"\n\n{code}"))
+    return 0
+
+
+def input_shape(model: nn.Module, size: Sequence[int], frames: int) -> tuple[int, ...]:
+    """A one-sample input for ``model``: its first conv tells the channels and spatial axes."""
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed), None)
+    channels, dims = (3, 2) if first is None else (first.in_channels, len(first.kernel_size))
+    height, width = (size[0], size[-1])
+    spatial = {1: (height,), 2: (height, width), 3: (frames, height, width)}[dims]
+    return (1, channels, *spatial)
+
+
+def _code(model: nn.Module, gm: nn.Module, style: str, leaf_modules: list[str]) -> str:
+    if style == "full":
+        return gm.code
+    original = trace(model, leaf_modules).python_code("self").src
+    diff = difflib.unified_diff(
+        original.splitlines(), gm.code.splitlines(), "original forward", "rewritten forward", lineterm=""
+    )
+    return "\n".join(diff)
+
+
+def _model_list() -> str:
+    lines = []
+    for task, names in torchvision_names().items():
+        lines.append(f"torchvision {task} ({len(names)}):")
+        lines.extend(f"  {name}" for name in names)
+    if timm_available():
+        lines.append("timm:NAME  any timm model (timm.list_models() names them)")
+    else:
+        lines.append("timm:NAME  any timm model, once timm is installed")
+    lines.append("package.module:factory  your own model, built by calling factory()")
+    return "\n".join(lines)
+
+
+def _fail(message: str) -> int:
+    print(f"python -m fxblur.inspect: {message}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
