@@ -14,8 +14,8 @@ from torch.fx.passes.infra.pass_manager import PassManager
 from fxblur.changes import Change, recorded, store
 from fxblur.cloning import share_tensors
 from fxblur.graph_module import assemble, install_called_modules
-from fxblur.options import BlurOptions
-from fxblur.passes import BlurMaxPools, BlurStridedConvs
+from fxblur.options import resolve
+from fxblur.passes import BlurAvgPools, BlurMaxPools, BlurStridedConvs
 from fxblur.passes.window_pass import BLUR_CONTAINER, Blurs
 from fxblur.report import report
 from fxblur.tracer import trace
@@ -28,13 +28,18 @@ class NoEffectWarning(UserWarning):
 def transform(
     model: nn.Module,
     *,
-    replace_convs: bool = True,
-    replace_maxpools: bool = True,
-    blur_first: bool = True,
-    min_channels: int = 16,
-    filter_size: int = 3,
-    padding_mode: str = "reflect",
-    exclude: str | Iterable[str] = (),
+    preset: str | None = None,
+    replace_convs: bool | None = None,
+    replace_maxpools: bool | None = None,
+    replace_avgpools: bool | None = None,
+    blur_first: bool | None = None,
+    past_nonlinearity: bool | None = None,
+    pool_blur_first: bool | None = None,
+    min_channels: int | None = None,
+    filter_size: int | None = None,
+    adaptive_filter: bool | None = None,
+    padding_mode: str | None = None,
+    exclude: str | Iterable[str] | None = None,
     copy: bool = False,
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     concrete_args: dict[str, Any] | None = None,
@@ -46,18 +51,31 @@ def transform(
     low-pass filter, and the result is compiled into a new module. The original model is
     not modified in any way.
 
+    Rewrite options left at ``None`` take the value of ``preset``, else the default shown
+    in brackets (``fxblur.options`` explains placements and filters in full).
+
     Args:
         model: any ``nn.Module`` that torch.fx can trace.
-        replace_convs: blur strided convolutions (``nn.Conv2d``, ``F.conv2d``).
-        replace_maxpools: blur strided max pools (``nn.MaxPool2d``, ``F.max_pool2d``).
-        blur_first: ``True`` blurs at stride 1 before the op, which keeps its stride
-            (cheapest); ``False`` runs the op at stride 1 and lets the blur subsample.
-        min_channels: leave convs with fewer input channels alone (e.g. an RGB stem).
-        filter_size: taps of the binomial filter, 1 to 7.
-        padding_mode: how the blur pads: ``"reflect"``, ``"replicate"``, ``"zeros"`` or
-            ``"circular"``.
-        exclude: glob patterns over targets (module paths such as ``"layer4.*"``, or node
-            names of functional calls such as ``"max_pool2d_1"``) to leave alone.
+        preset: ``"composer"`` (Composer's BlurPool numerics) or ``"zhang2019"`` (the
+            antialiased-cnns reference); options given explicitly override it.
+        replace_convs: [True] blur strided convolutions (``nn.Conv1d/2d/3d``, ``F.conv2d``...).
+        replace_maxpools: [True] blur strided max pools.
+        replace_avgpools: [False] blur strided average pools.
+        blur_first: [True] ``True`` blurs at stride 1 before the op, which keeps its
+            stride (cheapest); ``False`` runs the op at stride 1 and lets the blur subsample.
+        past_nonlinearity: [False] strided convs run at stride 1 and the subsampling blur
+            goes past the BatchNorm/activation/dropout chain that follows them (the paper);
+            takes precedence over ``blur_first`` for convs.
+        pool_blur_first: [``blur_first``] placement for pools: ``False`` gives MaxBlurPool
+            (the pool at stride 1, then a subsampling blur).
+        min_channels: [16] leave convs with fewer input channels alone (e.g. an RGB stem).
+        filter_size: [3] taps of the binomial filter, 1 to 7.
+        adaptive_filter: [True] filter only along subsampled axes and widen the filter for
+            strides above 2; ``False`` uses ``filter_size`` taps on every axis.
+        padding_mode: ["reflect"] how the blur pads: ``"reflect"``, ``"replicate"``,
+            ``"zeros"`` or ``"circular"``.
+        exclude: [()] glob patterns over targets (module paths such as ``"layer4.*"``, or
+            node names of functional calls such as ``"max_pool2d_1"``) to leave alone.
         copy: give the result its own copy of the parameters; by default it shares the
             original's Parameter objects, so an optimizer built earlier keeps working.
         leaf_modules: module classes or paths to call as a whole instead of tracing into
@@ -86,12 +104,17 @@ def transform(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"transform expects an nn.Module, got {type(model).__name__}")
-    options = BlurOptions(
+    options = resolve(
+        preset,
         replace_convs=replace_convs,
         replace_maxpools=replace_maxpools,
+        replace_avgpools=replace_avgpools,
         blur_first=blur_first,
+        past_nonlinearity=past_nonlinearity,
+        pool_blur_first=pool_blur_first,
         min_channels=min_channels,
         filter_size=filter_size,
+        adaptive_filter=adaptive_filter,
         padding_mode=padding_mode,
         exclude=exclude,
     )
@@ -102,8 +125,12 @@ def transform(
 
     root = copy_module.deepcopy(model) if copy else share_tensors(model)
     graphs = _trace_each_mode(root, leaf_modules, concrete_args)
-    passes = [BlurStridedConvs(options)] if replace_convs else []
-    passes += [BlurMaxPools(options)] if replace_maxpools else []
+    kinds = (
+        (options.replace_convs, BlurStridedConvs),
+        (options.replace_maxpools, BlurMaxPools),
+        (options.replace_avgpools, BlurAvgPools),
+    )
+    passes = [make(options) for wanted, make in kinds if wanted]
     blurs = getattr(root, BLUR_CONTAINER, None)
     blurs = Blurs() if blurs is None else blurs
     rewritten = []
@@ -113,11 +140,11 @@ def transform(
         rewritten.append((gm, PassManager(passes)(gm).modified))
         gm.graph.lint()
     # Only now may root take the rewritten modules: every graph had to see the originals.
-    decisions: dict[str, Change] = {}
+    decisions: dict[tuple[str, str], Change] = {}
     for gm, _ in rewritten:
         install_called_modules(root, gm)
-        for change in recorded(gm):
-            decisions.setdefault(change.target, change)
+        for change in recorded(gm):  # a call in both graphs is one decision
+            decisions.setdefault((change.target, change.node), change)
     modified = any(modified for _, modified in rewritten)
 
     result = assemble(root, graphs[True], graphs[False])
@@ -125,7 +152,7 @@ def transform(
     store(result, sorted(decisions.values(), key=lambda change: order.get(change.node, len(order))))
     if not modified:
         warnings.warn(
-            f"fxblur found nothing to blur in {type(model).__name__}: no conv or max pool with a "
+            f"fxblur found nothing to blur in {type(model).__name__}: no conv or pool with a "
             f"stride above 1 that the options allow ({len(decisions)} considered)",
             NoEffectWarning,
             stacklevel=2,
