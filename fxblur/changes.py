@@ -19,7 +19,7 @@ from typing import Any
 
 import torch.fx as fx
 
-ACTIONS = ("blur_before", "blur_after", "skipped")
+ACTIONS = ("blur_before", "subsample_before", "blur_after", "blur_past_nonlinearity", "skipped")
 
 _META_KEY = "fxblur.changes"
 
@@ -32,7 +32,8 @@ class Change:
         target: module path for a module call (``"layer2.0.conv2"``), node name for a
             functional call (``"max_pool2d_1"``).
         op: ``"conv2d"``, ``"max_pool2d"``, ...
-        action: ``"blur_before"``, ``"blur_after"`` or ``"skipped"``.
+        action: ``"blur_before"``, ``"subsample_before"``, ``"blur_after"``,
+            ``"blur_past_nonlinearity"`` (see ``fxblur.passes.window_pass``) or ``"skipped"``.
         reason: why it was skipped; empty otherwise.
         kernel_size, stride: the op's geometry as it was before the rewrite.
         in_channels, out_channels: for convs whose weight is known, else ``None``.
@@ -41,7 +42,8 @@ class Change:
         input_node: the node that fed the op before the rewrite.
         output_node: the node whose output now stands for the op's original output.
         added_nodes: nodes the rewrite inserted (the blur, padding).
-        enlarged_nodes: nodes that now compute at full resolution (an op run at stride 1).
+        enlarged_nodes: nodes that now compute at full resolution (an op run at stride 1,
+            and the BatchNorm and activations past which the blur moved).
 
     Node names refer to the graph of the mode the model was in when it was transformed.
     """

@@ -1,7 +1,8 @@
 """The graph rewrites of fxblur, one ``torch.fx`` ``PassBase`` per kind of op."""
 
+from fxblur.passes.avg_pool import BlurAvgPools
 from fxblur.passes.max_pool import BlurMaxPools
 from fxblur.passes.strided_conv import BlurStridedConvs
 from fxblur.passes.window_pass import WindowOpPass
 
-__all__ = ["BlurMaxPools", "BlurStridedConvs", "WindowOpPass"]
+__all__ = ["BlurAvgPools", "BlurMaxPools", "BlurStridedConvs", "WindowOpPass"]

@@ -1,14 +1,17 @@
 """The shared shape of every blur pass: find strided ops of one kind, skip or blur each.
 
 A pass walks ``graph.nodes`` once. For every op of its kind that downsamples, it either
-records why it leaves the op alone, or rewrites it and records how:
+records why it leaves the op alone, or rewrites it in one of these ways and records which:
 
-- ``blur_before``: a stride-1 blur along the subsampled axes feeds the op, which keeps
-  its stride (``blur_first=True``);
+- ``blur_before``: a stride-1 blur feeds the op, which keeps its stride;
+- ``subsample_before``: a blur of the op's stride feeds the op, which runs at stride 1
+  (for ops that commute with the blur, such as 1x1 convs);
 - ``blur_after``: the op runs at stride 1 and a blur of the op's stride subsamples its
-  output to exactly the size the op produced before (``blur_first=False``).
+  output, to exactly the size the op produced before;
+- ``blur_past_nonlinearity`` (convs): as ``blur_after``, with the blur moved past the
+  per-channel ops that follow the conv.
 
-Subclasses name the kind of op and add their own reasons to skip.
+Subclasses name the kind of op, choose the placement and add their own reasons to skip.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class WindowOpPass(PassBase):
 
     One instance may run over several graphs of the same model (its train and eval
     graphs): a module that must run at stride 1 is replaced by the same stride-1 copy in
-    every graph.
+    every graph, after every call of it has been rewritten.
     """
 
     kind: str
@@ -46,6 +49,7 @@ class WindowOpPass(PassBase):
     def __init__(self, options: BlurOptions) -> None:
         self.options = options
         self._stride_one: dict[int, nn.Module] = {}
+        self._replacements: dict[str, nn.Module] = {}
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         modified = False
@@ -56,13 +60,21 @@ class WindowOpPass(PassBase):
             reason = self.skip_reason(op, graph_module)
             if reason:
                 record(graph_module, _change(op, "skipped", reason))
-            elif self.options.blur_first:
-                record(graph_module, self.blur_before(graph_module, op))
-                modified = True
-            else:
-                record(graph_module, self.blur_after(graph_module, op))
-                modified = True
+                continue
+            rewrite = getattr(self, self.placement(op))
+            record(graph_module, rewrite(graph_module, op))
+            modified = True
+        # Modules change only now: a module called at several places must look the same,
+        # strided, to every one of its call sites while the walk rewrites them.
+        for target, module in self._replacements.items():
+            owner, _, name = target.rpartition(".")
+            setattr(graph_module.get_submodule(owner), name, module)
+        self._replacements.clear()
         return PassResult(graph_module, modified)
+
+    def placement(self, op: WindowOp) -> str:
+        """The rewrite for ``op``: the name of one of this pass's rewrite methods."""
+        return "blur_before" if self.options.pools_blur_first else "blur_after"
 
     def skip_reason(self, op: WindowOp, gm: fx.GraphModule) -> str:
         """Why ``op`` must be left alone, or ``""``. Subclasses add their own reasons."""
@@ -75,34 +87,23 @@ class WindowOpPass(PassBase):
             return "already blurred"
         return ""
 
+    def blur(self, op: WindowOp, stride: tuple[int, ...]) -> Blur:
+        """The blur for ``op``, subsampling by ``stride``."""
+        return Blur(self.options.filter_taps(op.stride), stride, self.options.padding_mode, op.dims)
+
     def blur_before(self, gm: fx.GraphModule, op: WindowOp) -> Change:
         """Blur the op's input at stride 1; the op keeps its stride."""
-        blur = Blur(_strided_axes_filter(op, self.options), 1, self.options.padding_mode, op.dims)
-        path = add_blur(gm, op.target, blur)
-        source = op.input
-        with gm.graph.inserting_before(op.node):
-            blurred = gm.graph.call_module(path, (source,))
-        op.replace_input(blurred)
-        return _change(op, "blur_before", blur=path, input_node=source, added=(blurred,))
+        return self._blur_input(gm, op, "blur_before", (1,) * op.dims, ())
+
+    def subsample_before(self, gm: fx.GraphModule, op: WindowOp) -> Change:
+        """Blur and subsample the op's input; the op runs at stride 1 on what is left."""
+        return self._blur_input(gm, op, "subsample_before", op.stride, self.run_at_stride_one(gm, op))
 
     def blur_after(self, gm: fx.GraphModule, op: WindowOp) -> Change:
         """Run the op at stride 1 and subsample its output with a blur."""
         source = op.input
         added = self.run_at_stride_one(gm, op)
-        blur = Blur(_strided_axes_filter(op, self.options), op.stride, self.options.padding_mode, op.dims)
-        path = add_blur(gm, op.target, blur)
-        with gm.graph.inserting_after(op.node):
-            blurred = gm.graph.call_module(path, (op.node,))
-        op.node.replace_all_uses_with(blurred, delete_user_cb=lambda user: user is not blurred)
-        return _change(
-            op,
-            "blur_after",
-            blur=path,
-            input_node=source,
-            output_node=blurred,
-            added=(*added, blurred),
-            enlarged=(op.node,),
-        )
+        return self._blur_output(gm, op, "blur_after", source, added, ())
 
     def run_at_stride_one(self, gm: fx.GraphModule, op: WindowOp) -> tuple[fx.Node, ...]:
         """Make ``op`` compute every window; return the nodes this needed to insert.
@@ -121,9 +122,43 @@ class WindowOpPass(PassBase):
             if hasattr(module, "ceil_mode"):
                 module.ceil_mode = False
             self._stride_one[id(op.module)] = module
-        owner, _, name = op.target.rpartition(".")
-        setattr(gm.get_submodule(owner), name, self._stride_one[id(op.module)])
+        self._replacements[op.target] = self._stride_one[id(op.module)]
         return ()
+
+    def _blur_input(
+        self, gm: fx.GraphModule, op: WindowOp, action: str, stride: tuple[int, ...], added: tuple[fx.Node, ...]
+    ) -> Change:
+        path = add_blur(gm, op.target, self.blur(op, stride))
+        source = op.input
+        with gm.graph.inserting_before(op.node):
+            blurred = gm.graph.call_module(path, (source,))
+        op.replace_input(blurred)
+        return _change(op, action, blur=path, input_node=source, added=(*added, blurred))
+
+    def _blur_output(
+        self,
+        gm: fx.GraphModule,
+        op: WindowOp,
+        action: str,
+        source: fx.Node,
+        added: tuple[fx.Node, ...],
+        chain: tuple[fx.Node, ...],
+    ) -> Change:
+        """Subsample with a blur after the op, or after the per-channel ``chain`` that follows it."""
+        last = chain[-1] if chain else op.node
+        path = add_blur(gm, op.target, self.blur(op, op.stride))
+        with gm.graph.inserting_after(last):
+            blurred = gm.graph.call_module(path, (last,))
+        last.replace_all_uses_with(blurred, delete_user_cb=lambda user: user is not blurred)
+        return _change(
+            op,
+            action,
+            blur=path,
+            input_node=source,
+            output_node=blurred,
+            added=(*added, blurred),
+            enlarged=(op.node, *chain),
+        )
 
 
 def add_blur(gm: fx.GraphModule, name: str, blur: Blur) -> str:
@@ -146,11 +181,6 @@ def add_blur(gm: fx.GraphModule, name: str, blur: Blur) -> str:
         if container[key].spec == blur.spec:
             return f"{BLUR_CONTAINER}.{key}"
     raise AssertionError("unreachable: a free name always exists")
-
-
-def _strided_axes_filter(op: WindowOp, options: BlurOptions) -> tuple[int, ...]:
-    """Filter taps per axis: the option's size along subsampled axes, 1 (none) elsewhere."""
-    return tuple(options.filter_size if s > 1 else 1 for s in op.stride)
 
 
 def _is_blurred_before(op: WindowOp, gm: fx.GraphModule) -> bool:

@@ -1,0 +1,32 @@
+"""Blur strided average pools (``nn.AvgPool2d`` modules and ``F.avg_pool2d`` calls); off by default."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from fxblur.ops import WindowOp
+from fxblur.passes.window_pass import WindowOpPass
+
+
+class BlurAvgPools(WindowOpPass):
+    """Anti-alias every average pool with a stride above 1 (``replace_avgpools=True``).
+
+    Run at stride 1 and followed by a subsampling blur, an average pool becomes the
+    paper's "AvgPool -> BlurPool". A ``ceil_mode`` pool is left alone in that placement:
+    its last, partial windows average fewer samples than any stride-1 window, so no
+    stride-1 pool computes them. Blurring before the pool works for every pool.
+
+    Example:
+        >>> from torch.fx.passes.infra.pass_manager import PassManager
+        >>> gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.AvgPool2d(2)))
+        >>> PassManager([BlurAvgPools(BlurOptions(replace_avgpools=True))])(gm).modified
+        True
+    """
+
+    kind = "avg_pool"
+
+    def skip_reason(self, op: WindowOp, gm: fx.GraphModule) -> str:
+        reason = super().skip_reason(op, gm)
+        if not reason and op.ceil_mode and self.placement(op) == "blur_after":
+            reason = "ceil_mode=True: a stride-1 average pool cannot compute the last, partial windows"
+        return reason
