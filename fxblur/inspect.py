@@ -12,6 +12,7 @@ names); 1 when the model cannot be built or traced (a message, no traceback).
 Examples:
     python -m fxblur.inspect resnet50
     python -m fxblur.inspect resnet50 --blur-last --format github
+    python -m fxblur.inspect vgg16 --preset zhang2019
     python -m fxblur.inspect googlenet --input-size 225 --show-code
     python -m fxblur.inspect mypackage.nets:small_cnn --min-channels 0 --format json
 """
@@ -19,6 +20,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import sys
@@ -27,10 +29,14 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from fxblur.blur import PADDING_MODES
 from fxblur.models import ModelSpecError, build, timm_available, torchvision_names
+from fxblur.options import PRESETS, BlurOptions
 from fxblur.report import FORMATS, report
 from fxblur.tracer import UntraceableModelError, trace
 from fxblur.transform import NoEffectWarning, transform
+
+REWRITE_OPTIONS = [f.name for f in dataclasses.fields(BlurOptions)]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,19 +58,23 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", nargs="?", help="torchvision name, timm:NAME, or package.module:factory")
     p.add_argument("--list", action="store_true", help="list the model names this tool knows and exit")
-    options = p.add_argument_group("rewrite options (as fxblur.transform)")
-    options.add_argument(
-        "--blur-last", action="store_true", help="run ops at stride 1 and blur after (blur_first=False)"
-    )
-    options.add_argument("--no-convs", action="store_true", help="leave strided convs alone (replace_convs=False)")
-    options.add_argument("--no-maxpools", action="store_true", help="leave max pools alone (replace_maxpools=False)")
-    options.add_argument("--min-channels", type=int, default=16, metavar="N", help="skip convs with fewer inputs")
-    options.add_argument("--filter-size", type=int, default=3, metavar="K", help="binomial filter taps, 1 to 7")
-    options.add_argument("--padding-mode", default="reflect", choices=["reflect", "replicate", "zeros", "circular"])
-    options.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="glob over targets; repeat")
+    options = p.add_argument_group("rewrite options (as fxblur.transform; unset ones come from --preset)")
+    options.add_argument("--preset", choices=sorted(PRESETS), help="composer or zhang2019")
+    flag = {"action": "store_const", "default": None}
+    options.add_argument("--blur-last", const=False, dest="blur_first", **flag, help="ops at stride 1, blur after")
+    options.add_argument("--past-nonlinearity", const=True, **flag, help="blur strided convs past BN/activations")
+    options.add_argument("--pool-blur-last", const=False, dest="pool_blur_first", **flag, help="MaxBlurPool")
+    options.add_argument("--no-convs", const=False, dest="replace_convs", **flag, help="leave strided convs alone")
+    options.add_argument("--no-maxpools", const=False, dest="replace_maxpools", **flag, help="leave max pools alone")
+    options.add_argument("--avg-pools", const=True, dest="replace_avgpools", **flag, help="blur strided avg pools")
+    options.add_argument("--fixed-filter", const=False, dest="adaptive_filter", **flag, help="K taps on every axis")
+    options.add_argument("--min-channels", type=int, metavar="N", help="skip convs with fewer inputs (16)")
+    options.add_argument("--filter-size", type=int, metavar="K", help="binomial filter taps, 1 to 7 (3)")
+    options.add_argument("--padding-mode", choices=PADDING_MODES, help="reflect, replicate, zeros or circular")
+    options.add_argument("--exclude", action="append", metavar="PATTERN", help="glob over targets; repeat")
     options.add_argument("--leaf-module", action="append", default=[], metavar="PATH", help="call whole; repeat")
     output = p.add_argument_group("output")
-    output.add_argument("--input-size", type=int, nargs="+", default=[224], metavar="H [W]", help="default 224")
+    output.add_argument("--input-size", type=int, nargs="+", default=[224], metavar="SIZE", help="H [W], default 224")
     output.add_argument("--frames", type=int, default=16, metavar="T", help="frames for video models (default 16)")
     output.add_argument(
         "--format", default="simple", choices=FORMATS, metavar="FORMAT", help="a tabulate format or json"
@@ -97,20 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(str(error))
     except Exception as error:  # the user's own factory failed
         return _fail(f"could not build {args.model}: {type(error).__name__}: {error}")
-    options = {
-        "blur_first": not args.blur_last,
-        "replace_convs": not args.no_convs,
-        "replace_maxpools": not args.no_maxpools,
-        "min_channels": args.min_channels,
-        "filter_size": args.filter_size,
-        "padding_mode": args.padding_mode,
-        "exclude": args.exclude,
-        "leaf_modules": args.leaf_module,
-    }
+    options = {name: getattr(args, name) for name in REWRITE_OPTIONS}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NoEffectWarning)  # the report says it in words
-            gm = transform(model, verbose=False, **options)
+            gm = transform(model, preset=args.preset, leaf_modules=args.leaf_module, verbose=False, **options)
     except ValueError as error:
         if isinstance(error, UntraceableModelError):
             return _fail(str(error))
