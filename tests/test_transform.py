@@ -47,7 +47,16 @@ def test_resnet50_defaults_blur_downsampling_convs_and_stem_pool(resnet50):
 
 def test_resnet50_blur_after_runs_ops_at_stride_one(resnet50):
     gm = fxblur.transform(resnet50, blur_first=False, verbose=False)
-    assert set(blurred(gm).values()) == {"blur_after"}
+    actions = blurred(gm)
+    assert {t for t, a in actions.items() if a == "blur_after"} == {
+        "maxpool",
+        "layer2.0.conv2",
+        "layer3.0.conv2",
+        "layer4.0.conv2",
+    }
+    # 1x1 shortcut convs commute with the blur: it subsamples before them instead
+    assert {t for t, a in actions.items() if a == "subsample_before"} == {f"layer{i}.0.downsample.0" for i in (2, 3, 4)}
+    assert gm.get_submodule("layer2.0.downsample.0").stride == (1, 1)
     conv = gm.get_submodule("layer2.0.conv2")
     assert conv.stride == (1, 1) and resnet50.layer2[0].conv2.stride == (2, 2)
     assert conv.weight is resnet50.layer2[0].conv2.weight

@@ -8,6 +8,7 @@ shape it produced in the original, at an even and an odd input size.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import pytest
 import torch
@@ -19,21 +20,57 @@ from support import IMAGE_ZOO, VIDEO_ZOO, input_sizes, layer_shapes, meta_model
 NOTHING_TO_BLUR = {name for name in IMAGE_ZOO + VIDEO_ZOO if name.startswith(("vit_", "swin_", "swin3d_"))}
 
 
+PLACEMENTS = {
+    "blur_first": {},
+    "blur_after": {"blur_first": False},
+    "past_nonlinearity": {"past_nonlinearity": True, "pool_blur_first": False, "replace_avgpools": True},
+}
+
+
 @pytest.mark.parametrize("name", IMAGE_ZOO + VIDEO_ZOO)
-@pytest.mark.parametrize("blur_first", [True, False], ids=["blur_first", "blur_after"])
-def test_every_feature_map_keeps_its_shape(name, blur_first):
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_every_feature_map_keeps_its_shape(name, placement):
     model = meta_model(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fxblur.NoEffectWarning)
-        gm = fxblur.transform(model, blur_first=blur_first, verbose=False)
-    decisions = fxblur.changes(gm)
-    blurred = [c for c in decisions if c.action != "skipped"]
-    if name in NOTHING_TO_BLUR:
-        assert not blurred
-    else:
-        assert blurred and {c.action for c in blurred} == {"blur_before" if blur_first else "blur_after"}
+        gm = fxblur.transform(model, verbose=False, **PLACEMENTS[placement])
+    blurred = [c for c in fxblur.changes(gm) if c.action != "skipped"]
+    assert bool(blurred) == (name not in NOTHING_TO_BLUR)
+    if placement == "blur_first":
+        assert {c.action for c in blurred} <= {"blur_before"}
+    enlarged = enlarged_calls(gm)
     for size in input_sizes(name):
         x = torch.empty(size, device="meta")
-        expected = layer_shapes(model, x)
+        expected, got = layer_shapes(model, x), layer_shapes(gm, x)
         assert expected, "the hooks must observe some layers"
-        assert layer_shapes(gm, x) == expected, size
+        assert got.keys() == expected.keys()
+        for path, shapes in expected.items():
+            for call, shape in enumerate(shapes):
+                if (path, call) in enlarged:  # runs at full resolution, before the blur subsamples
+                    assert got[path][call][:2] == shape[:2] and got[path][call][2:] > shape[2:], (size, path)
+                else:
+                    assert got[path][call] == shape, (size, path, call)
+
+
+def enlarged_calls(gm) -> set[tuple[str, int]]:
+    """(module path, call number) of the module calls a rewrite moved to full resolution."""
+    calls, seen = {}, Counter()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.name] = (node.target, seen[node.target])
+            seen[node.target] += 1
+    return {calls[n] for c in fxblur.changes(gm) for n in c.enlarged_nodes[1:] if n in calls}  # [0] is the op
+
+
+def test_placements_reach_their_rewrites():
+    actions = {}
+    for placement, options in PLACEMENTS.items():
+        gm = fxblur.transform(meta_model("densenet121"), verbose=False, **options)
+        actions[placement] = {c.target: c.action for c in fxblur.changes(gm)}
+    transition = "features.transition1.pool"  # AvgPool2d(2, 2), blurred only on request
+    assert transition not in actions["blur_first"]
+    assert actions["past_nonlinearity"][transition] == "blur_after"
+    assert actions["past_nonlinearity"]["features.pool0"] == "blur_after"
+    assert set(actions["blur_after"].values()) == {"skipped", "blur_after"}
+    gm = fxblur.transform(meta_model("resnet50"), verbose=False, **PLACEMENTS["past_nonlinearity"])
+    assert ("layer2.0.bn2", 0) in enlarged_calls(gm)

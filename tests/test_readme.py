@@ -1,0 +1,47 @@
+"""Numbers in the README come from the code: recompute them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import fxblur
+from fxblur.models import build
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+PLACEMENTS = {
+    "blur before (default)": {},
+    "blur after (`blur_first=False`)": {"blur_first": False},
+    "past the nonlinearity (`past_nonlinearity=True`)": {"past_nonlinearity": True},
+    '`preset="composer"`': {"preset": "composer"},
+    '`preset="zhang2019"`': {"preset": "zhang2019"},
+}
+
+
+def table_rows(marker: str) -> list[list[str]]:
+    text = README.read_text()
+    block = re.search(f"<!-- {marker} -->\n(.*?)<!-- /{marker} -->", text, re.S).group(1)
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in block.strip().splitlines()[2:]]
+
+
+def test_placement_cost_table_matches_the_report():
+    rows = table_rows("placement-costs")
+    assert [row[0] for row in rows] == list(PLACEMENTS)
+    for label, extra_macs, overhead, memory in rows:
+        report = fxblur.report(
+            fxblur.transform(build("resnet50"), verbose=False, **PLACEMENTS[label]), (1, 3, 224, 224)
+        )
+        extra_bytes = sum(row.extra_bytes for row in report.rows)
+        assert extra_macs == f"{(report.macs_after - report.macs_before) / 1e6:.1f}M", label
+        assert overhead == f"{report.overhead:+.2%}", label
+        assert memory == f"{extra_bytes / 2**20:.1f} MiB", label
+
+
+def test_quick_start_excerpt_is_real_output(capsys):
+    from fxblur.inspect import main
+
+    assert main(["resnet50"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    excerpt = README.read_text().split("```\ntarget")[1].split("```")[0]
+    for line in ("target" + excerpt).strip().splitlines():
+        assert line == "..." or line in printed, line
