@@ -10,6 +10,13 @@ Padding modes are ``"reflect"`` (the paper's), ``"replicate"``, ``"zeros"`` (Com
 ``"circular"``. An axis too short to reflect or wrap (a 1-pixel map under a 3-tap filter)
 is padded by replication instead, so tiny maps always work.
 
+Two implementations compute the same numbers (to float rounding), and the blur picks the
+faster one for its input: weighted sums of shifted views (``fxblur.separable``) for
+contiguous (NCHW) float32/float64 tensors on CPU in eager mode, where depthwise
+convolutions are several times slower than the memory traffic they need; a depthwise
+convolution (``fxblur.depthwise``) everywhere else: channels-last tensors, CUDA (cuDNN),
+half precision, ``meta`` tensors, ``torch.compile`` (which fuses it) and TorchScript.
+
 Example:
     >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
     >>> blur(x, stride=2).shape
@@ -23,13 +30,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
+from fxblur.depthwise import depthwise_blur
 from fxblur.filters import binomial_kernel
-
-PADDING_MODES = ("reflect", "replicate", "zeros", "circular")
-
-_DEPTHWISE_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+from fxblur.padding import check_padding_mode
+from fxblur.separable import separable_blur
 
 
 def blur(
@@ -54,7 +59,7 @@ def blur(
         torch.Size([1, 3, 5, 9])
     """
     spatial = x.dim() - 2
-    if spatial not in _DEPTHWISE_CONV:
+    if spatial not in (1, 2, 3):
         raise ValueError(f"blur expects (N, C, *spatial) input with 1 to 3 spatial axes, got {x.dim()}-d")
     strides = per_axis(stride, spatial, "stride")
     sizes = per_axis(filter_size, spatial, "filter_size")
@@ -64,29 +69,23 @@ def blur(
 
 
 def blur_with_kernel(x: torch.Tensor, kernel: torch.Tensor, stride: Sequence[int], padding_mode: str) -> torch.Tensor:
-    """Filter ``x`` depthwise with ``kernel`` (shape: taps per spatial axis) at ``stride``."""
-    padding = [((taps - 1) // 2, taps - 1 - (taps - 1) // 2) for taps in kernel.shape]
-    padded = pad(x, padding, padding_mode)
-    channels = x.shape[1]
-    weight = kernel.to(x).expand(channels, 1, *kernel.shape)
-    return _DEPTHWISE_CONV[kernel.dim()](padded, weight, stride=tuple(stride), groups=channels)
+    """Filter ``x`` with the binomial ``kernel`` (shape: taps per spatial axis) at ``stride``.
 
-
-def pad(x: torch.Tensor, padding: Sequence[tuple[int, int]], padding_mode: str) -> torch.Tensor:
-    """Pad the last ``len(padding)`` axes of ``x`` by (before, after) samples each.
-
-    Axes too short for ``"reflect"`` (padding >= size) or ``"circular"`` (padding > size)
-    are padded by replication instead.
+    Picks the fastest implementation for ``x`` (see the module docstring).
     """
-    sizes = x.shape[x.dim() - len(padding) :]
-    modes = [_feasible_mode(padding_mode, size, max(amounts)) for size, amounts in zip(sizes, padding, strict=True)]
-    for mode in dict.fromkeys(modes):
-        flat: list[int] = []
-        for axis_mode, amounts in zip(reversed(modes), reversed(padding), strict=True):
-            flat.extend(amounts if axis_mode == mode else (0, 0))
-        if any(flat):
-            x = F.pad(x, flat, mode="constant" if mode == "zeros" else mode)
-    return x
+    if _shifted_views_are_faster(x):
+        return separable_blur(x, kernel.shape, stride, padding_mode)
+    return depthwise_blur(x, kernel, stride, padding_mode)
+
+
+def _shifted_views_are_faster(x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and x.is_contiguous()
+        and not torch.jit.is_scripting()
+        and not torch.compiler.is_compiling()
+    )
 
 
 def per_axis(value: int | Sequence[int], axes: int, name: str) -> tuple[int, ...]:
@@ -95,15 +94,3 @@ def per_axis(value: int | Sequence[int], axes: int, name: str) -> tuple[int, ...
     if len(values) != axes or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
         raise ValueError(f"{name} must be a positive int or {axes} positive ints, got {value!r}")
     return values
-
-
-def check_padding_mode(padding_mode: str) -> None:
-    """``ValueError`` unless ``padding_mode`` is one the blur supports."""
-    if padding_mode not in PADDING_MODES:
-        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-
-
-def _feasible_mode(mode: str, size: int, amount: int) -> str:
-    if (mode == "reflect" and amount >= size) or (mode == "circular" and amount > size):
-        return "replicate"
-    return mode

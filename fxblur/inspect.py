@@ -29,9 +29,9 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from fxblur.blur import PADDING_MODES
 from fxblur.models import ModelSpecError, build, timm_available, torchvision_names
 from fxblur.options import PRESETS, BlurOptions
+from fxblur.padding import PADDING_MODES
 from fxblur.report import FORMATS, report
 from fxblur.tracer import UntraceableModelError, trace
 from fxblur.transform import NoEffectWarning, transform

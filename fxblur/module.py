@@ -7,8 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fxblur.blur import blur_with_kernel, check_padding_mode, per_axis
+from fxblur.blur import blur_with_kernel, per_axis
 from fxblur.filters import binomial_kernel
+from fxblur.padding import check_padding_mode
 
 
 class Blur(nn.Module):

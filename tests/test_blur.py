@@ -4,60 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from blur_reference import PASCAL
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxblur import Blur, blur
-from fxblur.blur import PADDING_MODES
 from fxblur.ceil_mode import ceil_mode_padding, pad_for_ceil_mode
 from fxblur.filters import binomial_filter
-
-PASCAL = {
-    1: [1],
-    2: [1, 1],
-    3: [1, 2, 1],
-    4: [1, 3, 3, 1],
-    5: [1, 4, 6, 4, 1],
-    6: [1, 5, 10, 10, 5, 1],
-    7: [1, 6, 15, 20, 15, 6, 1],
-}
-
-
-def source_index(j: int, before: int, after: int, n: int, mode: str) -> int | None:
-    """Which input sample padded position ``j`` holds (``None``: a zero)."""
-    i = j - before
-    if (mode == "reflect" and max(before, after) >= n) or (mode == "circular" and max(before, after) > n):
-        mode = "replicate"  # documented fallback on maps too small to reflect or wrap
-    if 0 <= i < n:
-        return i
-    if mode == "zeros":
-        return None
-    if mode == "replicate":
-        return min(max(i, 0), n - 1)
-    if mode == "reflect":
-        return -i if i < 0 else 2 * (n - 1) - i
-    return i % n
-
-
-def reference_blur(x: torch.Tensor, stride, sizes, mode: str) -> torch.Tensor:
-    """out[i] = sum_a f[a] * padded[i * s + a], one spatial axis at a time, in float64."""
-    x = x.double()
-    for axis, (s, k) in enumerate(zip(stride, sizes, strict=True)):
-        dim = 2 + axis
-        n = x.shape[dim]
-        before, after = (k - 1) // 2, k - 1 - (k - 1) // 2
-        taps = torch.tensor(PASCAL[k], dtype=torch.float64) / sum(PASCAL[k])
-        outputs = (n + before + after - k) // s + 1
-        slices = []
-        for o in range(outputs):
-            acc = torch.zeros_like(x.select(dim, 0))
-            for a in range(k):
-                source = source_index(o * s + a, before, after, n, mode)
-                if source is not None:
-                    acc = acc + taps[a] * x.select(dim, source)
-            slices.append(acc)
-        x = torch.stack(slices, dim)
-    return x
 
 
 def test_binomial_filters_are_normalised_rows_of_pascals_triangle():
@@ -66,31 +19,6 @@ def test_binomial_filters_are_normalised_rows_of_pascals_triangle():
         assert torch.equal(binomial_filter(size), expected)
     with pytest.raises(ValueError, match="between 1 and 7"):
         binomial_filter(8)
-
-
-@settings(max_examples=120, deadline=None)
-@given(
-    height=st.integers(1, 11),
-    width=st.integers(1, 11),
-    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
-    sizes=st.tuples(st.integers(1, 7), st.integers(1, 7)),
-    mode=st.sampled_from(PADDING_MODES),
-)
-def test_blur_equals_direct_float64_reference(height, width, stride, sizes, mode):
-    x = torch.randn(2, 3, height, width, dtype=torch.float64)
-    expected = reference_blur(x, stride, sizes, mode)
-    actual = blur(x.float(), stride, sizes, mode)
-    assert actual.shape == expected.shape == (2, 3, (height - 1) // stride[0] + 1, (width - 1) // stride[1] + 1)
-    torch.testing.assert_close(actual.double(), expected, atol=1e-6, rtol=0)
-    torch.testing.assert_close(blur(x, stride, sizes, mode), expected, atol=1e-12, rtol=0)
-
-
-@pytest.mark.parametrize("shape", [(2, 3, 10), (1, 2, 5, 6, 7)])
-def test_blur_1d_and_3d(shape):
-    x = torch.randn(shape, dtype=torch.float64)
-    spatial = len(shape) - 2
-    expected = reference_blur(x, (2,) * spatial, (4,) * spatial, "reflect")
-    torch.testing.assert_close(blur(x, 2, 4), expected, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["reflect", "replicate"])
@@ -103,23 +31,9 @@ def test_constant_image_stays_constant(mode, size):
             assert torch.equal(y, torch.full_like(y, 3.25))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_matches_float32(dtype):
-    x = torch.randn(2, 8, 13, 13)
-    y = blur(x.to(dtype), 2)
-    assert y.dtype == dtype
-    torch.testing.assert_close(y.float(), blur(x, 2), atol=2e-2, rtol=2e-2)
-
-
 def test_meta_tensors_give_shapes_without_compute():
     y = blur(torch.empty(8, 256, 57, 57, device="meta"), 2, 4, "reflect")
     assert y.device.type == "meta" and y.shape == (8, 256, 29, 29)
-
-
-def test_gradients_match_finite_differences():
-    x = torch.randn(1, 2, 6, 5, dtype=torch.float64, requires_grad=True)
-    for mode in PADDING_MODES:
-        assert torch.autograd.gradcheck(lambda t, mode=mode: blur(t, 2, 3, mode), (x,))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

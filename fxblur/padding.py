@@ -1,0 +1,67 @@
+"""Padding for the blur: four modes, and a fallback for maps too small to reflect or wrap.
+
+Example:
+    >>> pad(torch.arange(3.0).view(1, 1, 3), [(1, 1)], "reflect")
+    tensor([[[1., 0., 1., 2., 1.]]])
+    >>> pad(torch.ones(1, 1, 1), [(1, 1)], "reflect")  # one sample cannot be reflected
+    tensor([[[1., 1., 1.]]])
+    >>> feasible_mode("reflect", size=1, amount=1)
+    'replicate'
+    >>> taps_padding(3), taps_padding(4)
+    ((1, 1), (1, 2))
+    >>> interior(size=8, taps=3, stride=2)  # outputs 1 to 3 of 4 never read padding
+    (1, 4)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+PADDING_MODES = ("reflect", "replicate", "zeros", "circular")
+
+
+def check_padding_mode(padding_mode: str) -> None:
+    """``ValueError`` unless ``padding_mode`` is one the blur supports."""
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+
+
+def pad(x: torch.Tensor, padding: Sequence[tuple[int, int]], padding_mode: str) -> torch.Tensor:
+    """Pad the last ``len(padding)`` axes of ``x`` by (before, after) samples each.
+
+    Axes too short for ``"reflect"`` (padding >= size) or ``"circular"`` (padding > size)
+    are padded by replication instead.
+    """
+    sizes = x.shape[x.dim() - len(padding) :]
+    modes = [feasible_mode(padding_mode, size, max(amounts)) for size, amounts in zip(sizes, padding, strict=True)]
+    for mode in dict.fromkeys(modes):
+        flat: list[int] = []
+        for axis_mode, amounts in zip(reversed(modes), reversed(padding), strict=True):
+            flat.extend(amounts if axis_mode == mode else (0, 0))
+        if any(flat):
+            x = F.pad(x, flat, mode="constant" if mode == "zeros" else mode)
+    return x
+
+
+def feasible_mode(mode: str, size: int, amount: int) -> str:
+    """``mode``, or ``"replicate"`` where an axis of ``size`` is too short to pad by ``amount``."""
+    if (mode == "reflect" and amount >= size) or (mode == "circular" and amount > size):
+        return "replicate"
+    return mode
+
+
+def taps_padding(taps: int) -> tuple[int, int]:
+    """(before, after) padding of an axis filtered with ``taps`` taps: ``taps - 1`` in all."""
+    return (taps - 1) // 2, taps - 1 - (taps - 1) // 2
+
+
+def interior(size: int, taps: int, stride: int) -> tuple[int, int]:
+    """The outputs ``[lo, hi)`` of a blur along an axis of ``size`` whose window reads no padding."""
+    before, _ = taps_padding(taps)
+    outputs = (size - 1) // stride + 1
+    lo = min(outputs, -(-before // stride))
+    hi = min(outputs, (size - taps + before) // stride + 1) if size - taps + before >= 0 else 0
+    return lo, max(lo, hi)
