@@ -17,12 +17,15 @@ class BlurStridedConvs(WindowOpPass):
     an RGB stem conv keeps its full resolution input.
 
     Placement: ``blur_before`` with ``blur_first``; otherwise ``blur_after``, or
-    ``blur_past_nonlinearity`` with ``past_nonlinearity``. In both of those a 1x1 conv
-    without padding gets ``subsample_before`` instead: a 1x1 conv mixes channels at each
-    position and a blur filters each channel over positions, so the two commute and
-    subsampling before the conv gives the same result at a quarter of the cost. (With
-    zero padding the blur darkens a constant border, so a conv with a bias only commutes
-    under reflect, replicate or circular padding.)
+    ``blur_past_nonlinearity`` with ``past_nonlinearity``. A 1x1 conv without padding
+    gets ``subsample_before`` instead, at a quarter of the cost of the others:
+
+    - instead of ``blur_before``: the strided 1x1 conv only reads every ``stride``-th
+      sample of the stride-1 blur, exactly the samples a subsampling blur computes;
+    - instead of the other two: a 1x1 conv mixes channels at each position and a blur
+      filters each channel over positions, so the two commute. (With zero padding the
+      blur darkens a constant border, so a conv with a bias only commutes under reflect,
+      replicate or circular padding.)
 
     Example:
         >>> from torch.fx.passes.infra.pass_manager import PassManager
@@ -40,9 +43,10 @@ class BlurStridedConvs(WindowOpPass):
         return reason
 
     def placement(self, op: WindowOp) -> str:
+        pointwise = _is_unpadded_1x1(op)
         if self.options.blur_first and not self.options.past_nonlinearity:
-            return "blur_before"
-        if self._commutes_with_blur(op):
+            return "subsample_before" if pointwise else "blur_before"
+        if pointwise and self._bias_commutes_with_blur(op):
             return "subsample_before"
         return "blur_past_nonlinearity" if self.options.past_nonlinearity else "blur_after"
 
@@ -55,8 +59,12 @@ class BlurStridedConvs(WindowOpPass):
         added = self.run_at_stride_one(gm, op)
         return self._blur_output(gm, op, "blur_past_nonlinearity", source, added, chain)
 
-    def _commutes_with_blur(self, op: WindowOp) -> bool:
-        pointwise = op.kernel_size is not None and all(k == 1 for k in op.kernel_size)
-        unpadded = op.padding == "valid" or (not isinstance(op.padding, str) and not any(op.padding))
+    def _bias_commutes_with_blur(self, op: WindowOp) -> bool:
         has_bias = op.module.bias is not None if op.module is not None else op.arguments.get("bias") is not None
-        return pointwise and unpadded and (self.options.padding_mode != "zeros" or not has_bias)
+        return self.options.padding_mode != "zeros" or not has_bias
+
+
+def _is_unpadded_1x1(op: WindowOp) -> bool:
+    pointwise = op.kernel_size is not None and all(k == 1 for k in op.kernel_size)
+    unpadded = op.padding == "valid" or (not isinstance(op.padding, str) and not any(op.padding))
+    return pointwise and unpadded

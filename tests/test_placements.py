@@ -92,6 +92,18 @@ def test_one_by_one_convs_subsample_first_only_when_that_is_exact():
         torch.testing.assert_close(gm(x), fxblur.blur(stride_one, 2, 3, padding_mode))
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("padding_mode", ["reflect", "zeros"])
+def test_one_by_one_convs_under_blur_first_read_a_subsampling_blur(bias, padding_mode):
+    x = torch.randn(2, 16, 11, 10)
+    conv = nn.Conv2d(16, 8, 1, stride=2, bias=bias)
+    gm = fxblur.transform(nn.Sequential(conv), padding_mode=padding_mode, verbose=False)
+    assert decisions(gm)["0"].action == "subsample_before" and gm.get_submodule("0").stride == (1, 1)
+    # the strided conv of the stride-1 blur, whatever the bias or padding
+    blurred = fxblur.blur(x, 1, 3, padding_mode)
+    torch.testing.assert_close(gm(x), nn.functional.conv2d(blurred, conv.weight, conv.bias, stride=2))
+
+
 def test_filters_follow_the_subsampled_axes_and_widen_with_the_stride():
     model = nn.Sequential(
         nn.Conv2d(16, 16, 3, stride=(2, 1), padding=1),

@@ -122,4 +122,5 @@ def test_explicit_options_override_a_preset():
     gm = fxblur.transform(SmallNet(), preset="composer", padding_mode="reflect", filter_size=5, verbose=False)
     blur = gm.get_submodule(fxblur.changes(gm)[0].blur)
     assert blur.padding_mode == "reflect" and blur.filter_size == (5, 5)
-    assert {c.action for c in fxblur.changes(gm)} == {"blur_after", "blur_before"}  # pools after, convs before
+    actions = {c.target: c.action for c in fxblur.changes(gm)}
+    assert actions == {"pool": "blur_after", "down": "blur_before", "shortcut": "subsample_before"}
