@@ -12,10 +12,11 @@ is padded by replication instead, so tiny maps always work.
 
 Two implementations compute the same numbers (to float rounding), and the blur picks the
 faster one for its input: weighted sums of shifted views (``fxblur.separable``) for
-contiguous (NCHW) float32/float64 tensors on CPU in eager mode, where depthwise
-convolutions are several times slower than the memory traffic they need; a depthwise
-convolution (``fxblur.depthwise``) everywhere else: channels-last tensors, CUDA (cuDNN),
-half precision, ``meta`` tensors, ``torch.compile`` (which fuses it) and TorchScript.
+float32/float64 tensors on CPU in eager mode, where depthwise convolutions are several
+times slower than the memory traffic they need (NCHW), or, channels-last, where they
+subsample; a depthwise convolution (``fxblur.depthwise``) everywhere else: channels-last
+at stride 1 (oneDNN's kernel makes one pass), CUDA (cuDNN), half precision, ``meta``
+tensors, ``torch.compile`` (which fuses it), TorchScript and ``torch.jit.trace``.
 
 Example:
     >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
@@ -73,17 +74,18 @@ def blur_with_kernel(x: torch.Tensor, kernel: torch.Tensor, stride: Sequence[int
 
     Picks the fastest implementation for ``x`` (see the module docstring).
     """
-    if _shifted_views_are_faster(x):
+    if _shifted_views_are_faster(x, stride):
         return separable_blur(x, kernel.shape, stride, padding_mode)
-    return depthwise_blur(x, kernel, stride, padding_mode)
+    return depthwise_blur(x, kernel, list(stride), padding_mode)
 
 
-def _shifted_views_are_faster(x: torch.Tensor) -> bool:
+def _shifted_views_are_faster(x: torch.Tensor, stride: Sequence[int]) -> bool:
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
-        and x.is_contiguous()
+        and (x.is_contiguous() or max(stride) > 1)
         and not torch.jit.is_scripting()
+        and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
     )
 

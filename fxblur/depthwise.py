@@ -16,19 +16,22 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
 from fxblur.padding import pad, taps_padding
 
-_DEPTHWISE_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
+def depthwise_blur(x: torch.Tensor, kernel: torch.Tensor, stride: list[int], padding_mode: str) -> torch.Tensor:
+    """Filter ``x`` with ``kernel`` (taps per spatial axis) at ``stride``, padding as ``padding_mode``.
 
-def depthwise_blur(x: torch.Tensor, kernel: torch.Tensor, stride: Sequence[int], padding_mode: str) -> torch.Tensor:
-    """Filter ``x`` with ``kernel`` (taps per spatial axis) at ``stride``, padding as ``padding_mode``."""
+    Written in TorchScript's subset of Python: ``Blur`` runs it under ``torch.jit.script``.
+    """
     padded = pad(x, [taps_padding(taps) for taps in kernel.shape], padding_mode)
     channels = x.shape[1]
-    weight = kernel.to(x).expand(channels, 1, *kernel.shape)
-    return _DEPTHWISE_CONV[kernel.dim()](padded, weight, stride=tuple(stride), groups=channels)
+    weight = kernel.to(x).expand([channels, 1] + list(kernel.shape))  # noqa: RUF005 (TorchScript cannot unpack)
+    if kernel.dim() == 1:
+        return F.conv1d(padded, weight, stride=stride, groups=channels)
+    if kernel.dim() == 2:
+        return F.conv2d(padded, weight, stride=stride, groups=channels)
+    return F.conv3d(padded, weight, stride=stride, groups=channels)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fxblur.blur import blur_with_kernel, per_axis
+from fxblur.depthwise import depthwise_blur
 from fxblur.filters import binomial_kernel
 from fxblur.padding import check_padding_mode
 
@@ -60,7 +61,10 @@ class Blur(nn.Module):
         unbatched = x.dim() == len(self.stride) + 1
         if unbatched:
             x = x.unsqueeze(0)
-        y = blur_with_kernel(x, self.filter, self.stride, self.padding_mode)
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch
+            y = depthwise_blur(x, self.filter, list(self.stride), self.padding_mode)
+        else:
+            y = blur_with_kernel(x, self.filter, self.stride, self.padding_mode)
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:

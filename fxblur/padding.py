@@ -15,8 +15,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
@@ -29,19 +27,21 @@ def check_padding_mode(padding_mode: str) -> None:
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
 
 
-def pad(x: torch.Tensor, padding: Sequence[tuple[int, int]], padding_mode: str) -> torch.Tensor:
+def pad(x: torch.Tensor, padding: list[tuple[int, int]], padding_mode: str) -> torch.Tensor:
     """Pad the last ``len(padding)`` axes of ``x`` by (before, after) samples each.
 
     Axes too short for ``"reflect"`` (padding >= size) or ``"circular"`` (padding > size)
-    are padded by replication instead.
+    are padded by replication instead. Axes that share a mode are padded in one copy.
+    Written in TorchScript's subset of Python, for ``Blur`` under ``torch.jit.script``.
     """
-    sizes = x.shape[x.dim() - len(padding) :]
-    modes = [feasible_mode(padding_mode, size, max(amounts)) for size, amounts in zip(sizes, padding, strict=True)]
-    for mode in dict.fromkeys(modes):
-        flat: list[int] = []
-        for axis_mode, amounts in zip(reversed(modes), reversed(padding), strict=True):
-            flat.extend(amounts if axis_mode == mode else (0, 0))
-        if any(flat):
+    first = x.dim() - len(padding)
+    modes = [feasible_mode(padding_mode, x.shape[first + i], max(padding[i])) for i in range(len(padding))]
+    for mode in ("reflect", "replicate", "zeros", "circular"):
+        flat: list[int] = []  # F.pad's order: the last axis first
+        for i in range(len(padding) - 1, -1, -1):
+            before, after = padding[i] if modes[i] == mode else (0, 0)
+            flat += [before, after]
+        if max(flat) > 0:
             x = F.pad(x, flat, mode="constant" if mode == "zeros" else mode)
     return x
 
