@@ -9,18 +9,60 @@ the tracer went through (``layer1``, a ``Bottleneck``) become bare containers: t
 A model whose forward reads ``self.training`` (Inception's auxiliary head, stochastic depth
 baked into a call) traces to a different graph in each mode. ``TrainEvalGraphModule``
 holds both and runs the one that matches its mode, like the original does.
+
+Copies keep what fxblur adds to a GraphModule: ``copy.deepcopy``, ``pickle`` and
+``torch.save``/``torch.load`` give back the same class and class name, both graphs of a
+``TrainEvalGraphModule``, and the decisions that ``fxblur.changes`` reads.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+_TREE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
 
-class TrainEvalGraphModule(fx.GraphModule):
+
+class BlurGraphModule(fx.GraphModule):
+    """The GraphModule ``fxblur.transform`` returns; it pickles and copies whole.
+
+    torch.fx pickles a GraphModule as its generated code and re-traces that code on load,
+    which loses ``meta`` (where the decisions live) and the class name, and knows of one
+    graph only. Here each graph travels as a plain GraphModule over the same modules (so
+    as code, the way torch.fx keeps graphs across versions), and the module comes back as
+    it was. Loading a whole module with ``torch.load`` needs ``weights_only=False``.
+
+    Example:
+        >>> import pickle
+        >>> gm = fxblur.transform(torchvision.models.resnet18(), verbose=False)
+        >>> clone = pickle.loads(pickle.dumps(gm))
+        >>> type(clone).__name__, fxblur.changes(clone) == fxblur.changes(gm)
+        ('ResNet', True)
+    """
+
+    _graph_attributes: tuple[str, ...] = ("_graph",)
+
+    def __reduce__(self) -> tuple[Callable[..., BlurGraphModule], tuple]:
+        state = {name: value for name, value in self.__dict__.items() if not isinstance(value, fx.Graph)}
+        # A GraphModule takes ownership of its graph: hand the carriers copies.
+        carriers = tuple(fx.GraphModule(self, copy.deepcopy(self.__dict__[name])) for name in self._graph_attributes)
+        return _unpickle, (_defining_class(self), type(self).__name__, state, carriers)
+
+    def _deepcopy_init(self) -> Callable[[nn.Module, nn.Module, fx.Graph], None]:
+        cls, class_name, names = _defining_class(self), type(self).__name__, self._graph_attributes
+
+        def init(module: nn.Module, root: nn.Module, graph: fx.Graph) -> None:
+            cls.__init__(module, root, *(root.__dict__[name] for name in names), class_name)
+
+        return init
+
+
+class TrainEvalGraphModule(BlurGraphModule):
     """A GraphModule with a train graph and an eval graph; ``train(mode)`` picks one.
 
     Example:
@@ -29,6 +71,8 @@ class TrainEvalGraphModule(fx.GraphModule):
         >>> type(gm.train()(x)).__name__, type(gm.eval()(x)).__name__
         ('GoogLeNetOutputs', 'Tensor')
     """
+
+    _graph_attributes = ("train_graph", "eval_graph")
 
     def __init__(self, root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph, class_name: str = "GraphModule"):
         super().__init__(root, train_graph if root.training else eval_graph, class_name)
@@ -42,14 +86,8 @@ class TrainEvalGraphModule(fx.GraphModule):
             self.graph = graph  # recompiles forward
         return self
 
-    def _deepcopy_init(self) -> Any:
-        def init(module: TrainEvalGraphModule, root: nn.Module, graph: fx.Graph) -> None:
-            TrainEvalGraphModule.__init__(module, root, root.train_graph, root.eval_graph, type(self).__name__)
 
-        return init
-
-
-def assemble(root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph) -> fx.GraphModule:
+def assemble(root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph) -> BlurGraphModule:
     """A GraphModule over ``root``'s whole module tree that runs the given graph per mode.
 
     ``root`` is fxblur's own copy of the model and is rearranged in place; it must already
@@ -63,18 +101,39 @@ def assemble(root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph) -> fx
             if node.op == "get_attr":
                 _register_tensor(root, node.target)
     tree = _bare_traced_modules(root, "", called, ancestors)
-    class_name = type(root).__name__
     if train_graph is eval_graph:
-        gm = fx.GraphModule(tree, train_graph, class_name)
-    else:
-        gm = TrainEvalGraphModule(tree, train_graph, eval_graph, class_name)
-    # The GraphModule holds what its graph referenced, in reference order; give it the
-    # whole tree instead, in the model's order, so that state_dict() lists the same keys.
-    gm._modules = dict(tree._modules)
-    gm._parameters = dict(tree._parameters)
-    gm._buffers = dict(tree._buffers)
-    gm._non_persistent_buffers_set = set(tree._non_persistent_buffers_set)
+        return _over_tree(BlurGraphModule, tree, (train_graph,), type(root).__name__)
+    return _over_tree(TrainEvalGraphModule, tree, (train_graph, eval_graph), type(root).__name__)
+
+
+def _over_tree(
+    cls: type[BlurGraphModule], tree: nn.Module, graphs: tuple[fx.Graph, ...], class_name: str
+) -> BlurGraphModule:
+    """A ``cls`` running ``graphs`` that holds ``tree``'s modules and tensors, all of them.
+
+    The GraphModule constructor keeps what the graph references, in reference order; the
+    whole tree, in the model's order, makes ``state_dict()`` list the same keys.
+    """
+    gm = cls(tree, *graphs, class_name)
+    for name in _TREE:
+        gm.__dict__[name] = copy.copy(tree.__dict__[name])
     return gm
+
+
+def _unpickle(
+    cls: type[BlurGraphModule], class_name: str, state: dict[str, Any], carriers: tuple[fx.GraphModule, ...]
+) -> BlurGraphModule:
+    """The inverse of ``BlurGraphModule.__reduce__``: the graphs come from the carriers' code."""
+    root = nn.Module()
+    root.__dict__.update(state)
+    gm = cls(root, *(carrier.graph for carrier in carriers), class_name)
+    gm.__dict__.update(state)  # the whole tree, meta, hooks: all the constructor does not carry over
+    return gm
+
+
+def _defining_class(gm: fx.GraphModule) -> type[BlurGraphModule]:
+    """``BlurGraphModule`` or ``TrainEvalGraphModule``: torch.fx gives each instance a subclass of its own."""
+    return next(cls for cls in type(gm).__mro__ if "GraphModuleImpl" not in cls.__qualname__)
 
 
 def _register_tensor(root: nn.Module, target: str) -> None:

@@ -85,12 +85,26 @@ def trace(
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     concrete_args: dict[str, Any] | None = None,
 ) -> fx.Graph:
-    """Trace ``root`` with ``BlurTracer``; ``UntraceableModelError`` if torch.fx cannot."""
+    """Trace ``root`` with ``BlurTracer``; ``UntraceableModelError`` if torch.fx cannot.
+
+    Modules keep the attributes they had: a forward that stores on ``self`` while traced
+    (torchvision's ``MultiScaleRoIAlign`` caches its scales) would otherwise keep proxies,
+    which leak into the next trace's graph or break the module when called. The tensor
+    constants the tracer adds to ``root`` for its graph stay.
+    """
     tracer = BlurTracer(leaf_modules)
+    saved = [(module, dict(module.__dict__)) for module in root.modules()]
     try:
         return tracer.trace(root, concrete_args)
     except Exception as error:
         raise UntraceableModelError(_explain(root, tracer.failed_module, error)) from error
+    finally:
+        for module, attributes in saved:
+            added = module.__dict__.keys() - attributes.keys()
+            for name in added:
+                if not isinstance(module.__dict__[name], torch.Tensor):
+                    del module.__dict__[name]
+            module.__dict__.update(attributes)
 
 
 def _explain(root: nn.Module, failed_module: tuple[str, type] | None, error: Exception) -> str:

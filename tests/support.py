@@ -1,4 +1,4 @@
-"""Test helpers: zoo models on the meta device, per-layer output shapes, state snapshots."""
+"""Test helpers: zoo models on the meta device, per-layer output shapes, state snapshots, a two-graph model."""
 
 from __future__ import annotations
 
@@ -102,3 +102,20 @@ def assert_same_snapshot(before: dict, after: dict) -> None:
         assert (i, grad) == (i2, grad2) and torch.equal(value, value2), name
     for (name, i, value), (_, i2, value2) in zip(before["buffers"], after["buffers"], strict=True):
         assert i == i2 and torch.equal(value, value2), name
+
+
+class TrainOnlyHead(nn.Module):
+    """A strided auxiliary output in train mode only: ``transform`` gives it one graph per mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.head = nn.Conv2d(16, 4, 1)
+        self.aux = nn.Conv2d(16, 4, 3, stride=2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        out = self.head(y).mean((2, 3))
+        if self.training:
+            return out, self.aux(y).mean((2, 3))
+        return out

@@ -9,6 +9,8 @@ import torch
 import torchvision
 
 import fxblur
+from fxblur.graph_module import TrainEvalGraphModule
+from support import TrainOnlyHead
 
 
 def inception_v3():
@@ -67,7 +69,7 @@ def test_model_traced_in_train_mode_starts_in_train_mode():
 
 def test_models_without_mode_dependence_get_one_graph():
     gm = fxblur.transform(torchvision.models.resnet18(), verbose=False)
-    assert type(gm).__mro__[1] is torch.fx.GraphModule
+    assert isinstance(gm, torch.fx.GraphModule) and not isinstance(gm, TrainEvalGraphModule)
 
 
 def test_transforming_a_two_graph_result_again_changes_nothing():
@@ -83,3 +85,12 @@ def test_transforming_a_two_graph_result_again_changes_nothing():
     x = torch.randn(2, 3, 75, 75)
     torch.testing.assert_close(twice(x), once(x))
     assert twice.train().code == once.train().code
+
+
+def test_report_measures_the_mode_the_model_is_in():
+    gm = fxblur.transform(TrainOnlyHead().eval(), verbose=False)
+    shape = (1, 16, 9, 9)
+    assert {row.target: row.output_size for row in fxblur.report(gm, shape).rows} == {"conv": (5, 5), "aux": None}
+    assert "not run in this mode" in str(fxblur.report(gm, shape))
+    gm.train()
+    assert {row.target: row.output_size for row in fxblur.report(gm, shape).rows} == {"conv": (5, 5), "aux": (2, 2)}
