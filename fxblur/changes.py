@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch.fx as fx
+from torch import nn
 
 ACTIONS = ("blur_before", "subsample_before", "blur_after", "blur_past_nonlinearity", "skipped")
 
 _META_KEY = "fxblur.changes"
+_ATTRIBUTE = "_fxblur_meta"
 
 
 @dataclass(frozen=True)
@@ -72,25 +74,45 @@ def record(gm: fx.GraphModule, change: Change) -> None:
     gm.meta.setdefault(_META_KEY, []).append(change)
 
 
-def recorded(gm: fx.GraphModule) -> list[Change]:
-    """The decisions stored on ``gm`` (empty if none were recorded)."""
-    return list(getattr(gm, "meta", {}).get(_META_KEY, []))
+def recorded(module: nn.Module) -> list[Change]:
+    """The decisions stored on ``module`` (empty if none were recorded)."""
+    return list(metadata(module).get(_META_KEY, []))
 
 
-def store(gm: fx.GraphModule, changes: list[Change]) -> None:
-    """Replace the decisions stored on ``gm``."""
-    gm.meta[_META_KEY] = list(changes)
+def store(module: nn.Module, changes: list[Change]) -> None:
+    """Replace the decisions stored on ``module``: a GraphModule, or a model rewritten in parts."""
+    metadata(module, create=True)[_META_KEY] = list(changes)
 
 
-def changes(gm: fx.GraphModule) -> list[Change]:
+def changes(gm: nn.Module) -> list[Change]:
     """The decisions ``fxblur.transform`` made for ``gm``, in graph order.
+
+    ``gm`` is what ``transform`` returned: a GraphModule, or, from ``strict=False`` on a
+    model torch.fx cannot trace whole, the model with its traceable parts rewritten. The
+    decisions of each part come in module order, their ``target`` and ``blur`` as full
+    paths in the model (``"backbone.body.layer2.0.conv2"``); their node names are those
+    of the part's own graph.
 
     Raises:
         ValueError: ``gm`` was not returned by ``fxblur.transform``.
     """
-    if not isinstance(gm, fx.GraphModule) or _META_KEY not in gm.meta:
+    if not isinstance(gm, nn.Module) or _META_KEY not in metadata(gm):
         raise ValueError(
             f"{type(gm).__name__} was not returned by fxblur.transform; "
             "call fxblur.transform(model) and pass its result"
         )
     return recorded(gm)
+
+
+def metadata(module: nn.Module, create: bool = False) -> dict[str, Any]:
+    """Where fxblur keeps what it recorded about ``module``.
+
+    A GraphModule's ``meta``; for a model rewritten in parts (an ``nn.Module`` of the user's
+    class), a plain attribute, which copies and pickles with the model and stays out of
+    ``state_dict()``. Without ``create``, a module fxblur never touched reads as empty.
+    """
+    if isinstance(module, fx.GraphModule):
+        return module.meta
+    if create:
+        return module.__dict__.setdefault(_ATTRIBUTE, {})
+    return module.__dict__.get(_ATTRIBUTE, {})

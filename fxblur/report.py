@@ -10,6 +10,14 @@ The costs come from the nodes each decision names: every inserted node (the blur
 padding) counts in full, and every node that now runs at full resolution (an op moved to
 stride 1) counts by how much it grew compared with the output it stands for.
 
+A model with one graph per mode (``TrainEvalGraphModule``) is measured in its current
+mode: an op it runs only in the other mode (a train-only auxiliary head) gets no sizes.
+
+For a model rewritten in parts (``transform(model, strict=False)``) the report lists the
+decisions of every part under their full paths, and its summary names the parts that
+were rewritten and the modules that could not be traced (``Report.parts``). Sizes and
+costs need one graph: ask for them part by part, ``report(model.backbone, input_shape)``.
+
 Example:
     >>> gm = fxblur.transform(torchvision.models.resnet18(), verbose=False)
     >>> r = report(gm, input_shape=(1, 3, 224, 224))
@@ -31,9 +39,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 from tabulate import tabulate, tabulate_formats
+from torch import nn
 
 from fxblur.changes import Change, changes
 from fxblur.costs import node_bytes, node_macs, output_of, propagate_shapes
+from fxblur.partial import Parts, parts_of
 
 FORMATS = (*tabulate_formats, "json")
 
@@ -58,13 +68,18 @@ class Row:
 
 @dataclass(frozen=True)
 class Report:
-    """The decisions and costs of one rewrite: print it, or read ``rows`` / ``records()``."""
+    """The decisions and costs of one rewrite: print it, or read ``rows`` / ``records()``.
+
+    ``parts`` is set for a model rewritten in parts: which submodules were rewritten, and
+    which modules could not be traced and run as before.
+    """
 
     model: str
     rows: tuple[Row, ...]
     input_shape: tuple[int, ...] | None = None
     macs_before: int | None = None
     macs_after: int | None = None
+    parts: Parts | None = None
 
     @property
     def blurred(self) -> int:
@@ -92,11 +107,16 @@ class Report:
         elif not self.blurred:
             reasons = sorted({row.reason for row in self.rows})
             lines[0] += f" - nothing blurred ({'; '.join(reasons)})"
+        if self.parts is not None:
+            lines.append(f"rewritten parts: {', '.join(self.parts.rewritten) or 'none'}")
+            if self.parts.untraced:
+                untraced = ", ".join(f"{u.path} ({u.module})" for u in self.parts.untraced)
+                lines.append(f"not traced, run as before: {untraced}")
         if self.macs_before is not None:
             size = "x".join(map(str, self.input_shape))
             lines.append(
                 f"MACs at {size}: {_count(self.macs_before)} -> {_count(self.macs_after)} "
-                f"({self.overhead:+.2%}); extra activations {_bytes(sum(r.extra_bytes for r in self.rows))}"
+                f"({self.overhead:+.2%}); extra activations {_bytes(sum(r.extra_bytes or 0 for r in self.rows))}"
             )
         return "\n".join(lines)
 
@@ -115,7 +135,9 @@ class Report:
                 "" if row.in_channels is None else f"{row.in_channels}->{row.out_channels}",
                 row.action if row.action != "skipped" else f"skipped: {row.reason}",
             ]
-            if sized:
+            if sized and row.output_size is None:
+                cells += ["not run in this mode", "", ""]
+            elif sized:
                 cells += [
                     f"{_size(row.input_size)} -> {_size(row.output_size)}",
                     _count(row.extra_macs) if row.action != "skipped" else "",
@@ -135,6 +157,7 @@ class Report:
                 "macs_after": self.macs_after,
                 "overhead": self.overhead,
                 "records": self.records(),
+                "parts": None if self.parts is None else asdict(self.parts),
             },
             indent=2,
         )
@@ -151,18 +174,28 @@ class Report:
         return self.render()
 
 
-def report(gm: fx.GraphModule, input_shape: Sequence[int] | torch.Tensor | None = None) -> Report:
-    """The change report of a GraphModule returned by ``fxblur.transform``.
+def report(gm: nn.Module, input_shape: Sequence[int] | torch.Tensor | None = None) -> Report:
+    """The change report of a model returned by ``fxblur.transform``.
 
     Args:
-        gm: the rewritten model.
+        gm: the rewritten model: a GraphModule, or a model rewritten in parts.
         input_shape: an example input shape such as ``(1, 3, 224, 224)`` (or a tensor, whose
             shape, dtype and device are used). With it, rows gain feature-map sizes and costs.
+
+    Raises:
+        ValueError: ``gm`` was not returned by ``transform``, or ``input_shape`` was given
+            for a model rewritten in parts.
     """
     decisions = changes(gm)
     model = type(gm).__name__
+    parts = parts_of(gm)
+    if parts is not None and input_shape is not None:
+        raise ValueError(
+            f"{model} was rewritten in parts ({', '.join(parts.rewritten) or 'none'}): sizes and costs need "
+            "one graph; pass each part with its own input shape, e.g. report(model.<part>, input_shape)"
+        )
     if input_shape is None:
-        return Report(model, tuple(_row(change) for change in decisions))
+        return Report(model, tuple(_row(change) for change in decisions), parts=parts)
     example = input_shape if isinstance(input_shape, torch.Tensor) else _example(gm, tuple(input_shape))
     propagate_shapes(gm, example)
     nodes = {node.name: node for node in gm.graph.nodes}
@@ -183,8 +216,9 @@ def _row(change: Change, nodes: dict[str, fx.Node] | None = None, gm: fx.GraphMo
         action=change.action,
         reason=change.reason,
     )
-    if nodes is None:
-        return row
+    named = (change.node, change.input_node, change.output_node, *change.added_nodes, *change.enlarged_nodes)
+    if nodes is None or not all(name in nodes for name in named):
+        return row  # no input shape, or an op the model does not run in its current mode
     spatial = len(change.stride)
     before, after = output_of(nodes[change.input_node]), output_of(nodes[change.output_node])
     extra_macs = extra_bytes = 0

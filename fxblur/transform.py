@@ -11,14 +11,15 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
-from fxblur.changes import Change, recorded, store
+from fxblur.changes import Change, changes, recorded, store
 from fxblur.cloning import share_tensors
 from fxblur.graph_module import assemble, install_called_modules
-from fxblur.options import resolve
+from fxblur.options import BlurOptions, resolve
+from fxblur.partial import parts_of, rewrite_parts
 from fxblur.passes import BlurAvgPools, BlurMaxPools, BlurStridedConvs
 from fxblur.passes.window_pass import BLUR_CONTAINER, Blurs
 from fxblur.report import report
-from fxblur.tracer import trace
+from fxblur.tracer import UntraceableModelError, trace
 
 
 class NoEffectWarning(UserWarning):
@@ -41,15 +42,20 @@ def transform(
     padding_mode: str | None = None,
     exclude: str | Iterable[str] | None = None,
     copy: bool = False,
+    strict: bool = True,
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     concrete_args: dict[str, Any] | None = None,
     verbose: bool = True,
-) -> fx.GraphModule:
+) -> nn.Module:
     """Return an anti-aliased (BlurPool) version of ``model`` as a ``torch.fx.GraphModule``.
 
     The model is traced, every conv and max pool with a stride above 1 gets a binomial
     low-pass filter, and the result is compiled into a new module. The original model is
     not modified in any way.
+
+    With ``strict=False``, a model torch.fx cannot trace whole (a detector) is rewritten
+    in parts instead: its largest traceable submodules with something to blur are
+    replaced by their rewrite, in a copy of the model (see ``fxblur.partial``).
 
     Rewrite options left at ``None`` take the value of ``preset``, else the default shown
     in brackets (``fxblur.options`` explains placements and filters in full).
@@ -78,6 +84,10 @@ def transform(
             node names of functional calls such as ``"max_pool2d_1"``) to leave alone.
         copy: give the result its own copy of the parameters; by default it shares the
             original's Parameter objects, so an optimizer built earlier keeps working.
+        strict: raise ``UntraceableModelError`` when the model cannot be traced whole;
+            ``False`` rewrites its traceable parts instead and returns the model (of its
+            own class) with those parts replaced. ``fxblur.report`` names the parts
+            rewritten and the modules that could not be traced.
         leaf_modules: module classes or paths to call as a whole instead of tracing into
             (for code torch.fx cannot trace; strided ops inside them are not blurred).
         concrete_args: fixed values for non-tensor ``forward`` arguments, as in
@@ -85,14 +95,16 @@ def transform(
         verbose: print the change report.
 
     Returns:
-        A ``GraphModule`` with the original's ``state_dict()`` keys, mode, device and dtype.
+        A ``GraphModule`` with the original's ``state_dict()`` keys, mode, device and dtype
+        (with ``strict=False`` and an untraceable model: a copy of the model whose
+        rewritten parts are GraphModules, with the same guarantees).
         ``fxblur.changes(gm)`` lists what was blurred and what was skipped, and why.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: an option is invalid (raised before any work is done).
-        fxblur.UntraceableModelError: torch.fx cannot trace the model; the message names
-            the module and line, and what to try.
+        fxblur.UntraceableModelError: torch.fx cannot trace the model (and ``strict`` is
+            set); the message names the module and line, and what to try.
 
     Example:
         >>> model = torchvision.models.resnet50()
@@ -118,47 +130,69 @@ def transform(
         padding_mode=padding_mode,
         exclude=exclude,
     )
-    leaf_modules = _check_tracing_options(copy, leaf_modules, concrete_args, verbose)
+    leaf_modules = _check_tracing_options(copy, strict, leaf_modules, concrete_args, verbose)
     container = getattr(model, BLUR_CONTAINER, None)
     if container is not None and not isinstance(container, Blurs):
         raise ValueError(f"the model has an attribute named {BLUR_CONTAINER!r}, which fxblur needs for its blurs")
 
     root = copy_module.deepcopy(model) if copy else share_tensors(model)
+    try:
+        result = _rewrite(root, options, leaf_modules, concrete_args)
+    except UntraceableModelError as error:
+        if strict:
+            raise
+
+        def rewrite_part(part: nn.Module, path: str, leaves: tuple) -> fx.GraphModule:
+            return _rewrite(part, options, leaves, None, scope=path)
+
+        result = rewrite_parts(root, error, rewrite_part, leaf_modules)
+    decisions = changes(result)
+    if all(change.action == "skipped" for change in decisions):
+        parts = parts_of(result)
+        untraced = f"; could not trace {', '.join(u.path for u in parts.untraced)}" if parts and parts.untraced else ""
+        warnings.warn(
+            f"fxblur found nothing to blur in {type(model).__name__}: no conv or pool with a "
+            f"stride above 1 that the options allow ({len(decisions)} considered){untraced}",
+            NoEffectWarning,
+            stacklevel=2,
+        )
+    if verbose:
+        print(report(result))
+    return result
+
+
+def _rewrite(
+    root: nn.Module, options: BlurOptions, leaf_modules: tuple, concrete_args: dict | None, scope: str = ""
+) -> fx.GraphModule:
+    """Trace ``root`` (fxblur's own copy, re-wired in place), run the passes, assemble the result.
+
+    ``scope``: the path of ``root`` in the user's model, when it is one of its parts.
+    """
     graphs = _trace_each_mode(root, leaf_modules, concrete_args)
     kinds = (
         (options.replace_convs, BlurStridedConvs),
         (options.replace_maxpools, BlurMaxPools),
         (options.replace_avgpools, BlurAvgPools),
     )
-    passes = [make(options) for wanted, make in kinds if wanted]
+    passes = [make(options, scope) for wanted, make in kinds if wanted]
     blurs = getattr(root, BLUR_CONTAINER, None)
     blurs = Blurs() if blurs is None else blurs
     rewritten = []
     for graph in dict.fromkeys(graphs.values()):  # the current mode's graph first
         gm = fx.GraphModule(root, graph)
         gm.add_module(BLUR_CONTAINER, blurs)
-        rewritten.append((gm, PassManager(passes)(gm).modified))
+        PassManager(passes)(gm)
         gm.graph.lint()
+        rewritten.append(gm)
     # Only now may root take the rewritten modules: every graph had to see the originals.
     decisions: dict[tuple[str, str], Change] = {}
-    for gm, _ in rewritten:
+    for gm in rewritten:
         install_called_modules(root, gm)
         for change in recorded(gm):  # a call in both graphs is one decision
             decisions.setdefault((change.target, change.node), change)
-    modified = any(modified for _, modified in rewritten)
-
     result = assemble(root, graphs[True], graphs[False])
     order = {node.name: i for i, node in enumerate(graphs[root.training].nodes)}
     store(result, sorted(decisions.values(), key=lambda change: order.get(change.node, len(order))))
-    if not modified:
-        warnings.warn(
-            f"fxblur found nothing to blur in {type(model).__name__}: no conv or pool with a "
-            f"stride above 1 that the options allow ({len(decisions)} considered)",
-            NoEffectWarning,
-            stacklevel=2,
-        )
-    if verbose:
-        print(report(result))
     return result
 
 
@@ -183,8 +217,8 @@ def _trace_each_mode(root: nn.Module, leaf_modules: tuple, concrete_args: dict |
     return graphs
 
 
-def _check_tracing_options(copy: Any, leaf_modules: Any, concrete_args: Any, verbose: Any) -> tuple:
-    for name, value in (("copy", copy), ("verbose", verbose)):
+def _check_tracing_options(copy: Any, strict: Any, leaf_modules: Any, concrete_args: Any, verbose: Any) -> tuple:
+    for name, value in (("copy", copy), ("strict", strict), ("verbose", verbose)):
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be True or False, got {value!r}")
     if isinstance(leaf_modules, (str, type)):

@@ -42,12 +42,16 @@ class WindowOpPass(PassBase):
     One instance may run over several graphs of the same model (its train and eval
     graphs): a module that must run at stride 1 is replaced by the same stride-1 copy in
     every graph, after every call of it has been rewritten.
+
+    ``scope`` is the path of the rewritten module in the model the user passed, when that
+    is a submodule (``transform(strict=False)``): ``exclude`` patterns match full paths.
     """
 
     kind: str
 
-    def __init__(self, options: BlurOptions) -> None:
+    def __init__(self, options: BlurOptions, scope: str = "") -> None:
         self.options = options
+        self.scope = scope
         self._stride_one: dict[int, nn.Module] = {}
         self._replacements: dict[str, nn.Module] = {}
 
@@ -78,7 +82,7 @@ class WindowOpPass(PassBase):
 
     def skip_reason(self, op: WindowOp, gm: fx.GraphModule) -> str:
         """Why ``op`` must be left alone, or ``""``. Subclasses add their own reasons."""
-        pattern = self.options.excluded(op.target)
+        pattern = self.options.excluded(f"{self.scope}.{op.target}" if self.scope else op.target)
         if pattern is not None:
             return f"excluded by {pattern!r}"
         if op.custom_forward:
