@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from fxblur.depthwise import depthwise_blur
+from fxblur.eager import runs_eagerly_on_cpu
 from fxblur.filters import binomial_kernel
 from fxblur.padding import check_padding_mode
 from fxblur.separable import separable_blur
@@ -80,14 +81,7 @@ def blur_with_kernel(x: torch.Tensor, kernel: torch.Tensor, stride: Sequence[int
 
 
 def _shifted_views_are_faster(x: torch.Tensor, stride: Sequence[int]) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and (x.is_contiguous() or max(stride) > 1)
-        and not torch.jit.is_scripting()
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
-    )
+    return runs_eagerly_on_cpu(x) and (x.is_contiguous() or max(stride) > 1)
 
 
 def per_axis(value: int | Sequence[int], axes: int, name: str) -> tuple[int, ...]:
