@@ -5,12 +5,17 @@ from __future__ import annotations
 import torch.fx as fx
 
 from fxblur.ceil_mode import pad_for_ceil_mode
+from fxblur.max_pool import max_pool_stride_one, stride_one_max_pool
 from fxblur.ops import WindowOp
 from fxblur.passes.window_pass import WindowOpPass
 
 
 class BlurMaxPools(WindowOpPass):
     """Anti-alias every max pool with a stride above 1; stride-1 pools are left alone.
+
+    A pool that runs at stride 1 becomes ``fxblur.max_pool.max_pool_stride_one`` (a module
+    call becomes a ``StrideOneMaxPool2d``, still an ``nn.MaxPool2d``): the same values and gradients, computed
+    separably where PyTorch's own kernel is slow (NCHW on CPU).
 
     Pools that return indices are skipped: the indices point into the pool's input, and
     a consumer such as ``MaxUnpool2d`` relies on them matching the strided pool. A
@@ -33,11 +38,19 @@ class BlurMaxPools(WindowOpPass):
         return reason
 
     def run_at_stride_one(self, gm: fx.GraphModule, op: WindowOp) -> tuple[fx.Node, ...]:
-        if not op.ceil_mode:
-            return super().run_at_stride_one(gm, op)
-        geometry = (op.kernel_size, op.stride, op.padding, op.dilation)
-        with gm.graph.inserting_before(op.node):
-            padded = gm.graph.call_function(pad_for_ceil_mode, (op.input, *geometry))
-        padded.meta["is_wrapped"] = True  # the generated code re-registers torch.fx.wrap
-        op.replace_input(padded)
-        return (padded, *super().run_at_stride_one(gm, op))
+        added = ()
+        if op.ceil_mode:
+            geometry = (op.kernel_size, op.stride, op.padding, op.dilation)
+            with gm.graph.inserting_before(op.node):
+                padded = gm.graph.call_function(pad_for_ceil_mode, (op.input, *geometry))
+            padded.meta["is_wrapped"] = True  # the generated code re-registers torch.fx.wrap
+            op.replace_input(padded)
+            added = (padded,)
+        if op.module is None:
+            op.node.target = max_pool_stride_one
+            op.node.args = (op.input, list(op.kernel_size), list(op.padding), list(op.dilation))
+            op.node.kwargs = {}
+            op.node.meta["is_wrapped"] = True
+        else:
+            self.replace_module(op, lambda: stride_one_max_pool(op.module))
+        return added

@@ -16,6 +16,7 @@ Subclasses name the kind of op, choose the placement and add their own reasons t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import chain
 
 import torch
@@ -120,14 +121,25 @@ class WindowOpPass(PassBase):
             if op.ceil_mode:
                 set_call_argument(op.node, "ceil_mode", False)
             return ()
-        if id(op.module) not in self._stride_one:
+
+        def stride_one_copy() -> nn.Module:
             module = share_tensors(op.module)
             module.stride = ones
             if hasattr(module, "ceil_mode"):
                 module.ceil_mode = False
-            self._stride_one[id(op.module)] = module
-        self._replacements[op.target] = self._stride_one[id(op.module)]
+            return module
+
+        self.replace_module(op, stride_one_copy)
         return ()
+
+    def replace_module(self, op: WindowOp, make: Callable[[], nn.Module]) -> None:
+        """Replace the module ``op`` calls, once the walk is done, by the one ``make`` builds.
+
+        Every call of the same module gets the same replacement, built on the first call.
+        """
+        if id(op.module) not in self._stride_one:
+            self._stride_one[id(op.module)] = make()
+        self._replacements[op.target] = self._stride_one[id(op.module)]
 
     def _blur_input(
         self, gm: fx.GraphModule, op: WindowOp, action: str, stride: tuple[int, ...], added: tuple[fx.Node, ...]

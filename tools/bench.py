@@ -43,6 +43,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fxblur
+from fxblur.max_pool import max_pool_stride_one
 from fxblur.models import build
 
 # ---------------------------------------------------------------- Composer-style reference
@@ -213,8 +214,9 @@ def _max_difference(compiled: Callable, eager: nn.Module, x: torch.Tensor) -> fl
 def micro_benchmark(args: argparse.Namespace) -> list[dict]:
     """The blur op alone on (8, 256, 56, 56) against a copy of its input (the memory floor).
 
-    Also timed: forward + backward (with a dense gradient, as in training), and for scale
-    the method card's zero-padded depthwise conv and a stride-1 3x3 max pool.
+    Also timed: forward + backward (with a dense gradient, as in training), for scale the
+    method card's zero-padded depthwise conv, and the stride-1 3x3 max pool that a pool
+    blurred after runs, PyTorch's kernel against ``fxblur.max_pool``.
     """
     rows = []
     for fmt in ("nchw", "channels_last"):
@@ -230,11 +232,18 @@ def micro_benchmark(args: argparse.Namespace) -> list[dict]:
         filt = torch.tensor([[[[1.0, 2.0, 1.0]]]]).mT @ torch.tensor([[[[1.0, 2.0, 1.0]]]]) / 16
         for stride in (1, 2):
             steps[f"method card conv s{stride}"] = lambda x=x, filt=filt, s=stride: _method_card_blur(x, s, filt)
-        steps["max pool 3x3 s1"] = lambda x=x: F.max_pool2d(x, 3, 1, 1)
+        g = torch.randn_like(x)
+        for name, pool in (("PyTorch", lambda x: F.max_pool2d(x, 3, 1, 1)), ("fxblur", _stride_one_max_pool)):
+            steps[f"max pool 3x3 s1 {name}"] = lambda x=x, pool=pool: pool(x)
+            steps[f"max pool 3x3 s1 {name} fwd+bwd"] = lambda x=grad_x, pool=pool, g=g: pool(x).backward(g)
         timings = interleaved(steps, "copy", args.warmup * 5, args.repeats * 4)  # the allocator settles slowly
         for name, timing in timings.items():
             rows.append({"format": fmt, "op": name, "ms": timing["ms"], "x copy": timing["ratio"]})
     return rows
+
+
+def _stride_one_max_pool(x: torch.Tensor) -> torch.Tensor:
+    return max_pool_stride_one(x, [3, 3], [1, 1], [1, 1])
 
 
 def transform_time(args: argparse.Namespace) -> list[dict]:
