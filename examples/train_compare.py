@@ -11,7 +11,7 @@ one-cycle learning rate; tested on a separate split with Zhang's protocol: two c
 random diagonal offsets 0-8 per image (fxblur.consistency.shift_metrics).
 
 Run (from the repository root):
-    python examples/train_compare.py             # 3 seeds x 4 variants, about 7 minutes on 2 CPU cores
+    python examples/train_compare.py             # 3 seeds x 4 variants, 7 to 14 minutes on 2 CPU cores
     python examples/train_compare.py --quick     # a few seconds: checks the pipeline, not the result
     python examples/train_compare.py --seeds 5 --epochs 12 --json
 """
