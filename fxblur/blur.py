@@ -12,8 +12,9 @@ is padded by replication instead, so tiny maps always work.
 
 Two implementations compute the same numbers (to float rounding), and the blur picks the
 faster one for its input: weighted sums of shifted views (``fxblur.separable``) for
-float32/float64 tensors on CPU in eager mode, where depthwise convolutions are several
-times slower than the memory traffic they need (NCHW), or, channels-last, where they
+float32/float64 tensors on CPU in eager mode, in NCHW (where, on CPUs without a fast
+oneDNN kernel for it, a depthwise convolution after a padded copy costs several times the
+memory traffic it needs; on the others the two are close) or, channels-last, where they
 subsample; a depthwise convolution (``fxblur.depthwise``) everywhere else: channels-last
 at stride 1 (oneDNN's kernel makes one pass), CUDA (cuDNN), half precision, ``meta``
 tensors, ``torch.compile`` (which fuses it), TorchScript and ``torch.jit.trace``.

@@ -1,13 +1,13 @@
 """The blur as weighted sums of shifted views: no padded copy, no convolution, a gather-form backward.
 
-On CPU a depthwise ``F.conv2d`` over an NCHW tensor is several times slower than the
-memory traffic it needs. A binomial filter is separable, so along each axis the blur is a
-weighted sum of shifted (and, with a stride, strided) views of its input, written straight
-into the output: ``k - 1`` elementwise passes for ``k`` taps, which PyTorch vectorises in
-any memory layout. The filter weights sum to one, so the sum is built as a running mean of
-the views with ``lerp`` and needs no final scaling pass. The few outputs whose window
-reaches past the border are summed from the samples the padding mode maps them to, so the
-input is never copied into a padded buffer.
+On CPU a depthwise ``F.conv2d`` over an NCHW tensor, after the copy that padding makes,
+can cost several times the memory traffic the blur needs. A binomial filter is separable,
+so along each axis the blur is a weighted sum of shifted (and, with a stride, strided)
+views of its input, written straight into the output: ``k - 1`` elementwise passes for
+``k`` taps, which PyTorch vectorises in any memory layout. The filter weights sum to one,
+so the sum is built as a running mean of the views with ``lerp`` and needs no final
+scaling pass. The few outputs whose window reaches past the border are summed from the
+samples the padding mode maps them to, so the input is never copied into a padded buffer.
 
 The backward pass is the adjoint of each axis's filter, also in gather form: the input
 positions of one phase modulo the stride all read the same taps of the incoming gradient,
