@@ -131,3 +131,11 @@ def test_rewritten_functional_pools_script_and_transform_again_unchanged():
         again = fxblur.transform(gm, blur_first=False, verbose=False)
     assert [n.target for n in again.graph.nodes].count(max_pool_stride_one) == 2
     assert torch.equal(again(x), gm(x))
+
+
+def test_compiles_without_graph_breaks():
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+    gm = fxblur.transform(nn.Sequential(model, FunctionalPools()), blur_first=False, verbose=False)
+    compiled = torch.compile(gm, fullgraph=True, backend="aot_eager")  # a graph break raises
+    x = torch.randn(2, 16, 23, 23)
+    torch.testing.assert_close(compiled(x), gm(x))
