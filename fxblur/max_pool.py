@@ -11,9 +11,10 @@ Its backward routes each output's gradient to the element PyTorch's kernel picks
 first maximum of the window in row-major order. Taking the last axis first and the first
 axis last makes the per-axis first maxima compose to exactly that element: the first
 row (of the window) that holds the maximum, and the first maximum within that row. On
-each axis, outputs claim their winning tap in tap order; a claimed output is marked NaN so
-that later taps that tie with it do not claim it again. (Inputs holding NaN get the NaN
-output, as PyTorch's kernel gives; their gradient may reach another NaN of the window.)
+each axis, taps claim outputs in tap order: a tap takes the gradient still unclaimed at
+the outputs whose maximum it holds, so a later tap that ties gets nothing, and the last
+tap takes what is left. (A window holding NaN outputs NaN, as PyTorch's kernel does; its
+gradient goes to the window's last tap on that axis, PyTorch's to the last NaN.)
 
 ``max_pool_stride_one`` picks this path where it is faster: float32/float64 NCHW tensors
 on CPU in eager mode. Everywhere else, channels-last, CUDA, ``meta``, ``torch.compile``,
