@@ -117,7 +117,19 @@ def _over_tree(
     gm = cls(tree, *graphs, class_name)
     for name in _TREE:
         gm.__dict__[name] = copy.copy(tree.__dict__[name])
+    _keep_plain_attributes(tree, gm)
     return gm
+
+
+def _keep_plain_attributes(source: nn.Module, target: nn.Module) -> None:
+    """Give ``target`` the public attributes ``source`` set in ``__init__`` that are not tensors or modules.
+
+    Code that builds on a model reads them (``backbone.out_channels``, ``model.num_classes``);
+    names the target's class defines (``graph``, ``code``, ``training``) stay the target's.
+    """
+    for name, value in source.__dict__.items():
+        if not name.startswith("_") and name not in target.__dict__ and not hasattr(type(target), name):
+            target.__dict__[name] = value
 
 
 def _unpickle(
@@ -167,6 +179,7 @@ def _bare_traced_modules(module: nn.Module, path: str, called: set[str], ancesto
         return module
     container = nn.Module()
     container.training = module.training
+    _keep_plain_attributes(module, container)
     container._parameters = module._parameters
     container._buffers = module._buffers
     container._non_persistent_buffers_set = module._non_persistent_buffers_set

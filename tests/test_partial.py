@@ -50,6 +50,7 @@ def test_faster_rcnn_backbone_is_blurred_and_the_detector_runs(detector):
 
     assert type(model) is FasterRCNN and model is not detector
     assert isinstance(model.backbone, torch.fx.GraphModule)
+    assert model.backbone.out_channels == detector.backbone.out_channels == 256  # heads are built from it
     assert model.rpn is not detector.rpn and model.rpn.head.cls_logits.weight is detector.rpn.head.cls_logits.weight
     body = {f"backbone.body.{name}" for name in ("maxpool", "layer2.0.conv2", "layer3.0.conv2", "layer4.0.conv2")}
     shortcuts = {f"backbone.body.layer{i}.0.downsample.0" for i in (2, 3, 4)}

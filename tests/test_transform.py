@@ -294,6 +294,14 @@ def test_channels_last_input_gives_channels_last_feature_maps():
         assert maps[0].is_contiguous(memory_format=torch.channels_last)
 
 
+def test_plain_attributes_the_model_set_are_kept():
+    model = torchvision.models.resnet18(num_classes=7)
+    gm = fxblur.transform(model, verbose=False)
+    assert (gm.inplanes, gm.groups, gm.base_width) == (model.inplanes, model.groups, model.base_width)
+    assert gm.layer2.get_submodule("0").stride == 2  # a traced-through block keeps its own
+    assert gm.graph is not None and isinstance(gm.code, str)  # the GraphModule's own names win
+
+
 def test_traced_through_modules_cannot_be_called_with_stale_code():
     gm = fxblur.transform(torchvision.models.resnet18(), blur_first=False, verbose=False)
     with pytest.raises(NotImplementedError):
