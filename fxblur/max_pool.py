@@ -41,7 +41,7 @@ from torch.autograd.function import once_differentiable
 from fxblur.eager import runs_eagerly_on_cpu
 
 
-def max_pool_stride_one(x: torch.Tensor, kernel_size: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+def max_pool_stride_one(x: Tensor, kernel_size: list[int], padding: list[int], dilation: list[int]) -> Tensor:
     """Max pool the last ``len(kernel_size)`` axes of ``x`` at stride 1, ``-inf`` padded.
 
     Equal to ``F.max_pool{n}d(x, kernel_size, 1, padding, dilation)``, values and gradients.
@@ -80,8 +80,10 @@ def stride_one_max_pool(pool: nn.MaxPool1d | nn.MaxPool2d | nn.MaxPool3d) -> nn.
     return stride_one(pool.kernel_size, (1,) * dims, pool.padding, pool.dilation)
 
 
-def _axes(value: int | Sequence[int], dims: int) -> list[int]:
-    return [value] * dims if isinstance(value, int) else list(value)
+def _through_fast_path(pool: nn.Module, x: Tensor, dims: int) -> Tensor:
+    """``pool``'s window (ints or tuples, as ``nn.MaxPool`` keeps them) through ``max_pool_stride_one``."""
+    geometry = ([v] * dims if isinstance(v, int) else list(v) for v in (pool.kernel_size, pool.padding, pool.dilation))
+    return max_pool_stride_one(x, *geometry)
 
 
 class StrideOneMaxPool1d(nn.MaxPool1d):
@@ -91,7 +93,7 @@ class StrideOneMaxPool1d(nn.MaxPool1d):
         if torch.jit.is_scripting():
             return F.max_pool1d(x, self.kernel_size, 1, self.padding, self.dilation)
         else:
-            return max_pool_stride_one(x, *(_axes(v, 1) for v in (self.kernel_size, self.padding, self.dilation)))
+            return _through_fast_path(self, x, 1)
 
 
 class StrideOneMaxPool2d(nn.MaxPool2d):
@@ -101,7 +103,7 @@ class StrideOneMaxPool2d(nn.MaxPool2d):
         if torch.jit.is_scripting():
             return F.max_pool2d(x, self.kernel_size, 1, self.padding, self.dilation)
         else:
-            return max_pool_stride_one(x, *(_axes(v, 2) for v in (self.kernel_size, self.padding, self.dilation)))
+            return _through_fast_path(self, x, 2)
 
 
 class StrideOneMaxPool3d(nn.MaxPool3d):
@@ -111,7 +113,7 @@ class StrideOneMaxPool3d(nn.MaxPool3d):
         if torch.jit.is_scripting():
             return F.max_pool3d(x, self.kernel_size, 1, self.padding, self.dilation)
         else:
-            return max_pool_stride_one(x, *(_axes(v, 3) for v in (self.kernel_size, self.padding, self.dilation)))
+            return _through_fast_path(self, x, 3)
 
 
 def separable_max_pool(

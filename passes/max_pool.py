@@ -14,8 +14,8 @@ class BlurMaxPools(WindowOpPass):
     """Anti-alias every max pool with a stride above 1; stride-1 pools are left alone.
 
     A pool that runs at stride 1 becomes ``fxblur.max_pool.max_pool_stride_one`` (a module
-    call becomes a ``StrideOneMaxPool2d``, still an ``nn.MaxPool2d``): the same values and gradients, computed
-    separably where PyTorch's own kernel is slow (NCHW on CPU).
+    call becomes a ``StrideOneMaxPool2d``, still an ``nn.MaxPool2d``): the same values and
+    gradients, computed separably where PyTorch's own kernel is slow (NCHW on CPU).
 
     Pools that return indices are skipped: the indices point into the pool's input, and
     a consumer such as ``MaxUnpool2d`` relies on them matching the strided pool. A
