@@ -5,10 +5,10 @@ order (per seed): only the placement of the blur differs. Training follows the f
 loop of Composer's BlurPool method card; fxblur.transform comes after the optimizer is
 built, which works because the rewritten model shares the original's parameters.
 
-Data: fxblur.synthetic.SyntheticShapes, 40x40 images of six kinds of textured shapes on
+Data: fxblur.evaluation.synthetic.SyntheticShapes, 40x40 images of six kinds of textured shapes on
 1/f noise (new images for each seed), trained on random 32x32 crops with Adam and a
 one-cycle learning rate; tested on a separate split with Zhang's protocol: two crops at
-random diagonal offsets 0-8 per image (fxblur.consistency.shift_metrics).
+random diagonal offsets 0-8 per image (fxblur.evaluation.consistency.shift_metrics).
 
 Run (from the repository root):
     python examples/train_compare.py             # 3 seeds x 4 variants, 7 to 14 minutes on 2 CPU cores
@@ -35,9 +35,9 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fxblur
-from fxblur.consistency import shift_metrics
-from fxblur.progress import ProgressBar
-from fxblur.synthetic import SHAPES, SyntheticShapes
+from fxblur.evaluation.consistency import shift_metrics
+from fxblur.evaluation.progress import ProgressBar
+from fxblur.evaluation.synthetic import SHAPES, SyntheticShapes
 
 IMAGE_SIZE, CROP_SIZE = 40, 32
 VARIANTS: dict[str, dict | None] = {

@@ -7,11 +7,11 @@ Example:
     ['maxpool', 'layer2.0.conv2', 'layer2.0.downsample.0']
 """
 
-from fxblur.blur import blur
 from fxblur.changes import Change, changes
-from fxblur.module import Blur
+from fxblur.ops.blur import blur
+from fxblur.ops.blur_module import Blur
 from fxblur.report import Report, report
-from fxblur.tracer import BlurTracer, UntraceableModelError
+from fxblur.rewrite.tracer import BlurTracer, UntraceableModelError
 from fxblur.transform import NoEffectWarning, transform
 
 __all__ = [

@@ -27,7 +27,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from fxblur.module import Blur
+from fxblur.ops.blur_module import Blur
 
 
 def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:

@@ -30,10 +30,10 @@ from collections.abc import Sequence
 from torch import nn
 
 from fxblur.models import ModelSpecError, build, timm_available, torchvision_names
+from fxblur.ops.padding import PADDING_MODES
 from fxblur.options import PRESETS, BlurOptions
-from fxblur.padding import PADDING_MODES
 from fxblur.report import FORMATS, report
-from fxblur.tracer import UntraceableModelError, trace
+from fxblur.rewrite.tracer import UntraceableModelError, trace
 from fxblur.transform import NoEffectWarning, transform
 
 REWRITE_OPTIONS = [f.name for f in dataclasses.fields(BlurOptions)]

@@ -41,7 +41,7 @@ from torch import nn
 
 from fxblur.changes import changes
 from fxblur.report import report
-from fxblur.tracer import UntraceableModelError
+from fxblur.rewrite.tracer import UntraceableModelError
 from fxblur.transform import NoEffectWarning, transform
 
 

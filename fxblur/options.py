@@ -38,8 +38,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from fxblur.filters import MAX_FILTER_SIZE
-from fxblur.padding import check_padding_mode
+from fxblur.ops.filters import MAX_FILTER_SIZE
+from fxblur.ops.padding import check_padding_mode
 
 
 @dataclass(frozen=True)

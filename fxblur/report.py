@@ -43,7 +43,7 @@ from torch import nn
 
 from fxblur.changes import Change, changes
 from fxblur.costs import node_bytes, node_macs, output_of, propagate_shapes
-from fxblur.partial import Parts, parts_of
+from fxblur.rewrite.partial import Parts, parts_of
 
 FORMATS = (*tabulate_formats, "json")
 

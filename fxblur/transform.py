@@ -12,14 +12,14 @@ from torch import nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from fxblur.changes import Change, changes, recorded, store
-from fxblur.cloning import share_tensors
-from fxblur.graph_module import assemble, install_called_modules
 from fxblur.options import BlurOptions, resolve
-from fxblur.partial import parts_of, rewrite_parts
 from fxblur.passes import BlurAvgPools, BlurMaxPools, BlurStridedConvs
 from fxblur.passes.window_pass import BLUR_CONTAINER, Blurs
 from fxblur.report import report
-from fxblur.tracer import UntraceableModelError, trace
+from fxblur.rewrite.cloning import share_tensors
+from fxblur.rewrite.graph_module import assemble, install_called_modules
+from fxblur.rewrite.partial import parts_of, rewrite_parts
+from fxblur.rewrite.tracer import UntraceableModelError, trace
 
 
 class NoEffectWarning(UserWarning):
@@ -55,7 +55,7 @@ def transform(
 
     With ``strict=False``, a model torch.fx cannot trace whole (a detector) is rewritten
     in parts instead: its largest traceable submodules with something to blur are
-    replaced by their rewrite, in a copy of the model (see ``fxblur.partial``).
+    replaced by their rewrite, in a copy of the model (see ``fxblur.rewrite.partial``).
 
     Rewrite options left at ``None`` take the value of ``preset``, else the default shown
     in brackets (``fxblur.options`` explains placements and filters in full).

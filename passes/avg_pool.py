@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from fxblur.ops import WindowOp
 from fxblur.passes.window_pass import WindowOpPass
+from fxblur.rewrite.window_ops import WindowOp
 
 
 class BlurAvgPools(WindowOpPass):

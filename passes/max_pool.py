@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from fxblur.ceil_mode import pad_for_ceil_mode
-from fxblur.max_pool import max_pool_stride_one, stride_one_max_pool
-from fxblur.ops import WindowOp
+from fxblur.ops.ceil_mode import pad_for_ceil_mode
+from fxblur.ops.max_pool import max_pool_stride_one, stride_one_max_pool
 from fxblur.passes.window_pass import WindowOpPass
+from fxblur.rewrite.window_ops import WindowOp
 
 
 class BlurMaxPools(WindowOpPass):
     """Anti-alias every max pool with a stride above 1; stride-1 pools are left alone.
 
-    A pool that runs at stride 1 becomes ``fxblur.max_pool.max_pool_stride_one`` (a module
+    A pool that runs at stride 1 becomes ``fxblur.ops.max_pool.max_pool_stride_one`` (a module
     call becomes a ``StrideOneMaxPool2d``, still an ``nn.MaxPool2d``): the same values and
     gradients, computed separably where PyTorch's own kernel is slow (NCHW on CPU).
 
     Pools that return indices are skipped: the indices point into the pool's input, and
     a consumer such as ``MaxUnpool2d`` relies on them matching the strided pool. A
     ``ceil_mode`` pool run at stride 1 gets ``-inf`` padding first, so that it still
-    computes its last, partial windows (see ``fxblur.ceil_mode``).
+    computes its last, partial windows (see ``fxblur.ops.ceil_mode``).
 
     Example:
         >>> from torch.fx.passes.infra.pass_manager import PassManager

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch.fx as fx
 
 from fxblur.changes import Change
-from fxblur.ops import WindowOp
 from fxblur.passes.window_pass import WindowOpPass
-from fxblur.pointwise import pointwise_chain
+from fxblur.rewrite.pointwise import pointwise_chain
+from fxblur.rewrite.window_ops import WindowOp
 
 
 class BlurStridedConvs(WindowOpPass):

@@ -25,10 +25,10 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxblur.changes import Change, record
-from fxblur.cloning import share_tensors
-from fxblur.module import Blur
-from fxblur.ops import WindowOp, read_window_op, set_call_argument
+from fxblur.ops.blur_module import Blur
 from fxblur.options import BlurOptions
+from fxblur.rewrite.cloning import share_tensors
+from fxblur.rewrite.window_ops import WindowOp, read_window_op, set_call_argument
 
 BLUR_CONTAINER = "fxblur"
 

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxblur import Blur, blur
-from fxblur.ceil_mode import ceil_mode_padding, pad_for_ceil_mode
-from fxblur.filters import binomial_filter
+from fxblur.ops.ceil_mode import ceil_mode_padding, pad_for_ceil_mode
+from fxblur.ops.filters import binomial_filter
 
 
 def test_binomial_filters_are_normalised_rows_of_pascals_triangle():

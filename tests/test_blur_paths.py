@@ -1,7 +1,7 @@
 """Both implementations of the blur, in every layout and dtype, against the float64 reference.
 
-``fxblur.blur`` picks shifted views (``fxblur.separable``) or a depthwise convolution
-(``fxblur.depthwise``) by device, dtype and layout; whichever runs, users get the same
+``fxblur.blur`` picks shifted views (``fxblur.ops.separable``) or a depthwise convolution
+(``fxblur.ops.depthwise``) by device, dtype and layout; whichever runs, users get the same
 numbers, gradients and memory format.
 """
 
@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxblur
-from fxblur.depthwise import depthwise_blur
-from fxblur.filters import binomial_kernel
-from fxblur.padding import PADDING_MODES
-from fxblur.separable import separable_blur
+from fxblur.ops.depthwise import depthwise_blur
+from fxblur.ops.filters import binomial_kernel
+from fxblur.ops.padding import PADDING_MODES
+from fxblur.ops.separable import separable_blur
 
 IMPLEMENTATIONS = {
     "separable": lambda x, stride, sizes, mode: separable_blur(x, sizes, stride, mode),

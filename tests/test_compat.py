@@ -13,7 +13,7 @@ from torch import nn
 from torch.export import Dim
 
 import fxblur
-from fxblur.graph_module import TrainEvalGraphModule
+from fxblur.rewrite.graph_module import TrainEvalGraphModule
 from support import TrainOnlyHead
 
 MODELS = {"resnet50": torchvision.models.resnet50, "mobilenet_v3_small": torchvision.models.mobilenet_v3_small}

@@ -1,4 +1,4 @@
-"""fxblur.consistency on cases with known answers, and on random-weight ResNet-18s."""
+"""fxblur.evaluation.consistency on cases with known answers, and on random-weight ResNet-18s."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import fxblur
-from fxblur.consistency import consistency_by_shift, shift_metrics
-from fxblur.shifts import offset_pairs
-from fxblur.synthetic import SyntheticShapes
+from fxblur.evaluation.consistency import consistency_by_shift, shift_metrics
+from fxblur.evaluation.shifts import offset_pairs
+from fxblur.evaluation.synthetic import SyntheticShapes
 
 SIZE, CROP = 12, 8  # diagonal offsets 0..4
 

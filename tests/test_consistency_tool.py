@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fxblur.checkpoints import save_checkpoint
-from fxblur.consistency import shift_metrics
-from fxblur.synthetic import SyntheticShapes
+from fxblur.evaluation.checkpoints import save_checkpoint
+from fxblur.evaluation.consistency import shift_metrics
+from fxblur.evaluation.synthetic import SyntheticShapes
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "consistency.py"

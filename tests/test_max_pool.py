@@ -1,6 +1,6 @@
 """The stride-1 max pool of blurred max pools: PyTorch's values and gradients, on any path.
 
-``fxblur.max_pool`` computes the pool one axis at a time for NCHW tensors on CPU. Users
+``fxblur.ops.max_pool`` computes the pool one axis at a time for NCHW tensors on CPU. Users
 must not be able to tell, except by speed: the values, the element each window's gradient
 reaches (ties included), the memory format and every other path must be PyTorch's.
 """
@@ -17,7 +17,7 @@ from torch import nn
 
 import fxblur
 from fxblur import NoEffectWarning
-from fxblur.max_pool import StrideOneMaxPool2d, max_pool_stride_one, separable_max_pool, stride_one_max_pool
+from fxblur.ops.max_pool import StrideOneMaxPool2d, max_pool_stride_one, separable_max_pool, stride_one_max_pool
 
 
 def native(x: torch.Tensor, kernel: list[int], padding: list[int], dilation: list[int]) -> torch.Tensor:

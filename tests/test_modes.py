@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 import fxblur
-from fxblur.graph_module import TrainEvalGraphModule
+from fxblur.rewrite.graph_module import TrainEvalGraphModule
 from support import TrainOnlyHead
 
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxblur
-from fxblur.padding import PADDING_MODES
+from fxblur.ops.padding import PADDING_MODES
 
 pairs = st.tuples(st.integers(1, 3), st.integers(1, 3))
 sizes = st.tuples(st.integers(1, 12), st.integers(1, 12))

@@ -1,4 +1,4 @@
-"""fxblur.synthetic: deterministic images, balanced labels, valid arguments only."""
+"""fxblur.evaluation.synthetic: deterministic images, balanced labels, valid arguments only."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from fxblur.synthetic import SHAPES, SyntheticShapes
+from fxblur.evaluation.synthetic import SHAPES, SyntheticShapes
 
 
 def test_same_arguments_give_identical_tensors_in_any_access_order():

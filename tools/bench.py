@@ -44,10 +44,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fxblur
-from fxblur.depthwise import depthwise_blur
-from fxblur.filters import binomial_kernel
-from fxblur.max_pool import max_pool_stride_one
 from fxblur.models import build
+from fxblur.ops.depthwise import depthwise_blur
+from fxblur.ops.filters import binomial_kernel
+from fxblur.ops.max_pool import max_pool_stride_one
 
 # ---------------------------------------------------------------- Composer-style reference
 
@@ -221,10 +221,10 @@ def micro_benchmark(args: argparse.Namespace) -> list[dict]:
     """The blur op alone on (8, 256, 56, 56) against a copy of its input (the memory floor).
 
     Also timed: forward + backward (with a dense gradient, as in training), the blur as
-    reflect padding plus a depthwise conv (``fxblur.depthwise``, the path ``fxblur.blur``
+    reflect padding plus a depthwise conv (``fxblur.ops.depthwise``, the path ``fxblur.blur``
     takes where it does not take shifted views), for scale the method card's zero-padded
     depthwise conv, and the stride-1 3x3 max pool that a pool
-    blurred after runs, PyTorch's kernel against ``fxblur.max_pool``.
+    blurred after runs, PyTorch's kernel against ``fxblur.ops.max_pool``.
     """
     rows = []
     for fmt in ("nchw", "channels_last"):

@@ -1,18 +1,18 @@
 """Shift consistency of a model and of its fxblur rewrites, side by side.
 
 For each model, the original and each fxblur placement are measured on the same images
-with the same random diagonal shifts (fxblur.consistency.shift_metrics): Zhang's
+with the same random diagonal shifts (fxblur.evaluation.consistency.shift_metrics): Zhang's
 classification consistency, the accuracy, and the feature sensitivity (1 - cosine
 similarity of the pooled features of two shifted crops).
 
 Models: a torchvision name (random weights; nothing is downloaded), package.module:factory,
 or a checkpoint file: {"model": SPEC, "state_dict": ...} saved with torch.save, read with
-torch.load(weights_only=True) (fxblur.checkpoints explains it). Random weights are drawn
+torch.load(weights_only=True) (fxblur.evaluation.checkpoints explains it). Random weights are drawn
 from --seed.
 
 Data: an ImageFolder directory (--data DIR; images resized and centre-cropped to
 --image-size, normalised with the ImageNet mean and std), or by default --images synthetic
-images (fxblur.synthetic.SyntheticShapes, objects kept whole in every crop). Crops are
+images (fxblur.evaluation.synthetic.SyntheticShapes, objects kept whole in every crop). Crops are
 --crop-size pixels (default 7/8 of the image, as Zhang's 224 of 256), at diagonal offsets
 from 0 to image size - crop size.
 
@@ -48,11 +48,11 @@ from torch.utils.data import Dataset, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fxblur
-from fxblur.checkpoints import load_checkpoint
-from fxblur.consistency import consistency_by_shift, shift_metrics
+from fxblur.evaluation.checkpoints import load_checkpoint
+from fxblur.evaluation.consistency import consistency_by_shift, shift_metrics
+from fxblur.evaluation.progress import ProgressBar
+from fxblur.evaluation.synthetic import SyntheticShapes
 from fxblur.models import ModelSpecError, build
-from fxblur.progress import ProgressBar
-from fxblur.synthetic import SyntheticShapes
 
 VARIANTS: dict[str, dict | None] = {
     "original": None,

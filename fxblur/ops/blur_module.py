@@ -7,10 +7,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fxblur.blur import blur_with_kernel, per_axis
-from fxblur.depthwise import depthwise_blur
-from fxblur.filters import binomial_kernel
-from fxblur.padding import check_padding_mode
+from fxblur.ops.blur import blur_with_kernel, per_axis
+from fxblur.ops.depthwise import depthwise_blur
+from fxblur.ops.filters import binomial_kernel
+from fxblur.ops.padding import check_padding_mode
 
 
 class Blur(nn.Module):

@@ -36,7 +36,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.proxy import TraceError
 
-from fxblur.module import Blur
+from fxblur.ops.blur_module import Blur
 
 ALWAYS_LEAVES = (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, Blur)
 

@@ -7,7 +7,7 @@ and in TorchScript.
 
 Example:
     >>> x = torch.ones(2, 3, 9, 8)
-    >>> kernel = fxblur.filters.binomial_kernel((3, 3), torch.float32)
+    >>> kernel = fxblur.ops.filters.binomial_kernel((3, 3), torch.float32)
     >>> depthwise_blur(x, kernel, stride=(2, 2), padding_mode="reflect").shape
     torch.Size([2, 3, 5, 4])
     >>> depthwise_blur(x, kernel, stride=(1, 1), padding_mode="zeros")[0, 0, 0, :3]  # the border darkens
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fxblur.padding import pad, taps_padding
+from fxblur.ops.padding import pad, taps_padding
 
 
 def depthwise_blur(x: torch.Tensor, kernel: torch.Tensor, stride: list[int], padding_mode: str) -> torch.Tensor:

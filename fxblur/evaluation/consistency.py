@@ -2,7 +2,7 @@
 
 For every image of a dataset, two crops of ``crop_size`` pixels are taken at random
 diagonal offsets ``d1`` and ``d2`` (each uniform over ``0..max_shift``, with ``max_shift``
-the image size minus the crop size; see ``fxblur.shifts``), so the two crops show the same
+the image size minus the crop size; see ``fxblur.evaluation.shifts``), so the two crops show the same
 content shifted by ``d2 - d1`` pixels along both axes. Then:
 
 - **consistency** is the fraction of images whose two crops get the same top-1 class
@@ -11,7 +11,7 @@ content shifted by ``d2 - d1`` pixels along both axes. Then:
 - **accuracy** is the fraction of crops classified as labelled (both crops of every pair).
 - **sensitivity** is ``1 - cos(f1, f2)`` averaged over images, where ``f1`` and ``f2`` are
   the crops' pooled features: the input of the model's last ``nn.Linear`` by default, or a
-  named module's output averaged over space (``fxblur.features``). 0 means the features do
+  named module's output averaged over space (``fxblur.evaluation.features``). 0 means the features do
   not move at all under the shift; 1 means they become orthogonal.
 
 ``consistency_by_shift`` runs every offset on every image instead and gives consistency as
@@ -22,7 +22,7 @@ train/eval modes are restored afterwards), on the device of the model's paramete
 offsets come from ``seed``, so a run is repeatable.
 
 Example:
-    >>> from fxblur.synthetic import SyntheticShapes
+    >>> from fxblur.evaluation.synthetic import SyntheticShapes
     >>> data = SyntheticShapes(8, image_size=40, seed=0)
     >>> model = torchvision.models.resnet18(num_classes=4)
     >>> metrics = shift_metrics(model, data, crop_size=32, seed=0)
@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fxblur.features import penultimate_features
-from fxblur.shifts import diagonal_crops, max_shift, offset_pairs
+from fxblur.evaluation.features import penultimate_features
+from fxblur.evaluation.shifts import diagonal_crops, max_shift, offset_pairs
 
 Progress = Callable[[int], None]
 """Called after each batch with the number of images it held."""
@@ -76,7 +76,7 @@ def shift_metrics(
         model: a classifier returning (N, classes) logits.
         dataset: items ``(image, label)`` with images (C, H, W) of one size, at least
             ``crop_size`` (a ``torchvision.datasets.ImageFolder`` with a resize and a centre
-            crop in its transform, or ``fxblur.synthetic.SyntheticShapes``).
+            crop in its transform, or ``fxblur.evaluation.synthetic.SyntheticShapes``).
         crop_size: side of the square crops; offsets range over ``0..H - crop_size``.
         seed: draws the offset pairs; the same seed gives the same pairs.
         batch_size: images per forward pass (each pass runs both crops of each image).

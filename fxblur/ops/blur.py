@@ -11,11 +11,11 @@ Padding modes are ``"reflect"`` (the paper's), ``"replicate"``, ``"zeros"`` (Com
 is padded by replication instead, so tiny maps always work.
 
 Two implementations compute the same numbers (to float rounding), and the blur picks the
-faster one for its input: weighted sums of shifted views (``fxblur.separable``) for
+faster one for its input: weighted sums of shifted views (``fxblur.ops.separable``) for
 float32/float64 tensors on CPU in eager mode, in NCHW (where, on CPUs without a fast
 oneDNN kernel for it, a depthwise convolution after a padded copy costs several times the
 memory traffic it needs; on the others the two are close) or, channels-last, where they
-subsample; a depthwise convolution (``fxblur.depthwise``) everywhere else: channels-last
+subsample; a depthwise convolution (``fxblur.ops.depthwise``) everywhere else: channels-last
 at stride 1 (oneDNN's kernel makes one pass), CUDA (cuDNN), half precision, ``meta``
 tensors, ``torch.compile`` (which fuses it), TorchScript and ``torch.jit.trace``.
 
@@ -33,11 +33,11 @@ from collections.abc import Sequence
 
 import torch
 
-from fxblur.depthwise import depthwise_blur
-from fxblur.eager import runs_eagerly_on_cpu
-from fxblur.filters import binomial_kernel
-from fxblur.padding import check_padding_mode
-from fxblur.separable import separable_blur
+from fxblur.ops.depthwise import depthwise_blur
+from fxblur.ops.eager import runs_eagerly_on_cpu
+from fxblur.ops.filters import binomial_kernel
+from fxblur.ops.padding import check_padding_mode
+from fxblur.ops.separable import separable_blur
 
 
 def blur(

@@ -40,8 +40,8 @@ import torch.fx as fx
 from torch import nn
 
 from fxblur.changes import Change, changes, metadata, store
-from fxblur.cloning import share_tensors
-from fxblur.tracer import UntraceableModelError
+from fxblur.rewrite.cloning import share_tensors
+from fxblur.rewrite.tracer import UntraceableModelError
 
 _PARTS_KEY = "fxblur.parts"
 

@@ -54,7 +54,8 @@ def load_checkpoint(path: str | PathLike) -> nn.Module:
     if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), str) and "state_dict" in checkpoint):
         raise CheckpointError(
             f"{path} is not an fxblur checkpoint: save {{'model': SPEC, 'state_dict': model.state_dict()}}, "
-            "with SPEC a torchvision name or package.module:factory (fxblur.checkpoints.save_checkpoint does)"
+            "with SPEC a torchvision name or package.module:factory "
+            "(fxblur.evaluation.checkpoints.save_checkpoint does)"
         )
     model = build(checkpoint["model"], device="cpu")
     try:

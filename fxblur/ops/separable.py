@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from fxblur.padding import feasible_mode, interior, taps_padding
+from fxblur.ops.padding import feasible_mode, interior, taps_padding
 
 
 def separable_blur(x: torch.Tensor, taps: Sequence[int], stride: Sequence[int], padding_mode: str) -> torch.Tensor:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from fxblur.eager import runs_eagerly_on_cpu
+from fxblur.ops.eager import runs_eagerly_on_cpu
 
 
 def max_pool_stride_one(x: Tensor, kernel_size: list[int], padding: list[int], dilation: list[int]) -> Tensor:

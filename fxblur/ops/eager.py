@@ -1,6 +1,6 @@
 """When fxblur's plain-PyTorch fast paths may run: eager CPU code on float32/float64 tensors.
 
-The fast paths (``fxblur.separable``, ``fxblur.max_pool``) are sequences of elementwise ops
+The fast paths (``fxblur.ops.separable``, ``fxblur.ops.max_pool``) are sequences of elementwise ops
 on views, wrapped in ``torch.autograd.Function``. They pay off where PyTorch's own kernels
 are slow, on CPU; where a compiler sees the op (``torch.compile``, TorchScript,
 ``torch.jit.trace``, export), the op itself is easier for it to optimise and translate.

@@ -1,0 +1,1 @@
+"""Measuring what anti-aliasing does: shift consistency, synthetic data, checkpoints of evaluated models."""
