@@ -15,8 +15,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -33,20 +31,21 @@ def ceil_mode_padding(size: int, kernel: int, stride: int, padding: int, dilatio
 
 def pad_for_ceil_mode(
     x: torch.Tensor,
-    kernel_size: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
 ) -> torch.Tensor:
-    """Append the ``-inf`` samples a max pool of this geometry needs (see ``ceil_mode_padding``)."""
-    spatial = x.shape[x.dim() - len(kernel_size) :]
-    geometries = zip(spatial, kernel_size, stride, padding, dilation, strict=True)
-    extra = [ceil_mode_padding(*geometry) for geometry in geometries]
-    if not any(extra):
+    """Append the ``-inf`` samples a max pool of this geometry needs (see ``ceil_mode_padding``).
+
+    Written in TorchScript's subset of Python: blurred max pools run it under ``torch.jit.script``.
+    """
+    first = x.dim() - len(kernel_size)
+    flat: list[int] = []  # F.pad's order: the last axis first
+    for i in range(len(kernel_size) - 1, -1, -1):
+        flat += [0, ceil_mode_padding(x.shape[first + i], kernel_size[i], stride[i], padding[i], dilation[i])]
+    if max(flat) == 0:
         return x
-    flat: list[int] = []
-    for amount in reversed(extra):
-        flat.extend((0, amount))
     return F.pad(x, flat, value=float("-inf"))
 
 
