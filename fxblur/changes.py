@@ -13,16 +13,14 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch.fx as fx
 from torch import nn
 
-ACTIONS = ("blur_before", "subsample_before", "blur_after", "blur_past_nonlinearity", "skipped")
-
 _META_KEY = "fxblur.changes"
+_FLAT_KEY = "fxblur.flat"
 _ATTRIBUTE = "_fxblur_meta"
 
 
@@ -40,6 +38,9 @@ class Change:
         kernel_size, stride: the op's geometry as it was before the rewrite.
         in_channels, out_channels: for convs whose weight is known, else ``None``.
         blur: path of the ``Blur`` module the rewrite inserted, if any.
+        blurred_module: the op's module was replaced by a blurred version of itself that
+            carries the blur (``fxblur.ops.blurred``): no graph around it changed.
+        note: for an op blurred in another way than the options asked, why.
         node: the op's node in the rewritten graph.
         input_node: the node that fed the op before the rewrite.
         output_node: the node whose output now stands for the op's original output.
@@ -64,9 +65,8 @@ class Change:
     output_node: str
     added_nodes: tuple[str, ...] = ()
     enlarged_nodes: tuple[str, ...] = ()
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    blurred_module: bool = False
+    note: str = ""
 
 
 def record(gm: fx.GraphModule, change: Change) -> None:
@@ -82,6 +82,22 @@ def recorded(module: nn.Module) -> list[Change]:
 def store(module: nn.Module, changes: list[Change]) -> None:
     """Replace the decisions stored on ``module``: a GraphModule, or a model rewritten in parts."""
     metadata(module, create=True)[_META_KEY] = list(changes)
+
+
+def store_flat_graphs(module: nn.Module, graphs: dict[bool, fx.Graph]) -> None:
+    """Keep the flat rewritten graph of each mode, which the decisions' node names refer to.
+
+    Each is kept as a GraphModule over ``module``'s modules (so it copies and pickles as
+    code, like any GraphModule); the change report runs it on fake tensors.
+    """
+    carriers = {id(graph): fx.GraphModule(module, graph) for graph in graphs.values()}
+    metadata(module, create=True)[_FLAT_KEY] = {mode: carriers[id(graph)] for mode, graph in graphs.items()}
+
+
+def flat_graph_module(module: nn.Module) -> fx.GraphModule | None:
+    """The flat rewritten graph of ``module``'s current mode, over its modules; ``None`` if there is none."""
+    graphs = metadata(module).get(_FLAT_KEY)
+    return None if graphs is None else graphs[module.training]
 
 
 def changes(gm: nn.Module) -> list[Change]:

@@ -5,13 +5,16 @@ compute, no memory): every node then carries its output in ``node.meta["val"]``.
 
 Counted as MACs: convolutions, linear layers, matrix products, attention and blurs (a blur
 counts its separable form: ``k`` MACs per output of each axis it filters). Elementwise ops,
-norms and pools count as zero.
+norms and pools count as zero. A blurred op module (``fxblur.ops.blurred``) counts its op,
+as it now runs, and its blur; ``blurred_op_extra`` tells what that adds to the op alone.
 
 Example:
     >>> gm = fxblur.transform(torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, stride=2)), verbose=False)
     >>> propagate_shapes(gm, torch.empty(1, 16, 8, 8))
     >>> {node.name: node_macs(node, gm) for node in gm.graph.nodes if node.op == "call_module"}
-    {'fxblur_0': 6144, '_0': 41472}
+    {'_0': 47616}
+    >>> blurred_op_extra(next(n for n in gm.graph.nodes if n.op == "call_module"), gm)  # the blur before it
+    (6144, 4096)
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxblur.ops.blur_module import Blur
+from fxblur.ops.blurred import BlurredOp
 
 
 def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
@@ -78,6 +82,48 @@ def blur_macs(input_shape: Sequence[int], filter_size: Sequence[int], stride: Se
     return macs
 
 
+def blurred_op_extra(node: fx.Node, gm: fx.GraphModule) -> tuple[int, int]:
+    """(MACs, activation bytes) that a blurred op module's call adds to the op it stands for.
+
+    Its blur counts in full; an op that now runs at stride 1 counts by how much it grew over
+    the output it stands for (the blurred op's own output, which has the original size).
+    """
+    module, x, out = gm.get_submodule(node.target), _argument(node, 0, "input"), output_of(node)
+    if x is None or out is None:
+        return 0, 0
+    op_output, blur_input, blur_output = _blurred_op_stages(module, x)
+    per_output = _op_macs(module, op_output) / op_output.numel()
+    extra_macs = blur_macs(blur_input.shape, module.fxblur.filter_size, module.fxblur.stride)
+    extra_macs += round((op_output.numel() - out.numel()) * per_output)
+    kept = blur_output if module.blur_input else op_output  # the map the op alone would not make
+    return extra_macs, kept.numel() * kept.element_size()
+
+
+def _blurred_op_stages(module: BlurredOp, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(op output, blur input, blur output) of a blurred op on the fake tensor ``x``."""
+    with x.fake_mode:
+        if module.blur_input:
+            blurred = module.fxblur(x)
+            return module.run_op(blurred), x, blurred
+        op_output = module.run_op(x)
+        return op_output, op_output, module.fxblur(op_output)
+
+
+def _blurred_op(module: BlurredOp, node: fx.Node, out: torch.Tensor) -> int:
+    x = _argument(node, 0, "input")
+    if x is None:
+        return 0
+    op_output, blur_input, _ = _blurred_op_stages(module, x)
+    return _op_macs(module, op_output) + blur_macs(blur_input.shape, module.fxblur.filter_size, module.fxblur.stride)
+
+
+def _op_macs(module: nn.Module, out: torch.Tensor) -> int:
+    """MACs of a conv (pools: none) that produced ``out``."""
+    if not isinstance(module, nn.modules.conv._ConvNd):
+        return 0
+    return out.numel() * module.in_channels * math.prod(module.kernel_size) // module.groups
+
+
 def _argument(node: fx.Node, index: int, name: str) -> torch.Tensor | None:
     """The (fake) tensor passed as argument ``index`` or keyword ``name``."""
     value = node.args[index] if index < len(node.args) else node.kwargs.get(name)
@@ -85,11 +131,11 @@ def _argument(node: fx.Node, index: int, name: str) -> torch.Tensor | None:
 
 
 def _conv(module: nn.Module, node: fx.Node, out: torch.Tensor) -> int:
-    per_output = math.prod(module.kernel_size) // module.groups
     if module.transposed:  # every input sample is spread over kernel x out_channels outputs
         x = _argument(node, 0, "input")
+        per_output = math.prod(module.kernel_size) // module.groups
         return 0 if x is None else x.numel() * module.out_channels * per_output
-    return out.numel() * module.in_channels * per_output
+    return _op_macs(module, out)
 
 
 def _linear(module: nn.Module, node: fx.Node, out: torch.Tensor) -> int:
@@ -143,6 +189,7 @@ def _scaled_dot_product_attention(node: fx.Node, out: torch.Tensor) -> int:
 
 
 _MODULE_MACS: dict[type, Callable[[nn.Module, fx.Node, torch.Tensor], int]] = {
+    BlurredOp: _blurred_op,  # before the conv and pool classes it derives from
     nn.modules.conv._ConvNd: _conv,
     nn.Linear: _linear,
     Blur: _blur,

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from fxblur.changes import changes, flat_graph_module
 from fxblur.models import ModelSpecError, build, timm_available, torchvision_names
 from fxblur.ops.padding import PADDING_MODES
 from fxblur.options import PRESETS, BlurOptions
@@ -136,13 +137,24 @@ def input_shape(model: nn.Module, size: Sequence[int], frames: int) -> tuple[int
 
 
 def _code(model: nn.Module, gm: nn.Module, style: str, leaf_modules: list[str]) -> str:
+    """The rewritten forward, flat (or as a diff against the original's), after the modules that carry their blur."""
+    blurred = [
+        f"# {change.target}: {type(model.get_submodule(change.target)).__name__} -> "
+        f"{type(gm.get_submodule(change.target)).__name__}, {change.action}"
+        for change in changes(gm)
+        if change.blurred_module
+    ]
+    rewritten = flat_graph_module(gm).code
     if style == "full":
-        return gm.code
-    original = trace(model, leaf_modules).python_code("self").src
-    diff = difflib.unified_diff(
-        original.splitlines(), gm.code.splitlines(), "original forward", "rewritten forward", lineterm=""
-    )
-    return "\n".join(diff)
+        code = rewritten
+    else:
+        original = trace(model, leaf_modules).graph.python_code("self").src
+        diff = difflib.unified_diff(
+            original.splitlines(), rewritten.splitlines(), "original forward", "rewritten forward", lineterm=""
+        )
+        code = "\n".join(diff) or "# the forward itself is unchanged"
+    header = ["# modules that now carry their blur (fxblur.ops.blurred):", *blurred] if blurred else []
+    return "\n".join([*header, code])
 
 
 def _model_list() -> str:

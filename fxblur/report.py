@@ -41,8 +41,9 @@ import torch.fx as fx
 from tabulate import tabulate, tabulate_formats
 from torch import nn
 
-from fxblur.changes import Change, changes
-from fxblur.costs import node_bytes, node_macs, output_of, propagate_shapes
+from fxblur.changes import Change, changes, flat_graph_module
+from fxblur.costs import blurred_op_extra, node_bytes, node_macs, output_of, propagate_shapes
+from fxblur.rewrite.nesting import Nesting, nesting_of
 from fxblur.rewrite.partial import Parts, parts_of
 
 FORMATS = (*tabulate_formats, "json")
@@ -60,6 +61,7 @@ class Row:
     out_channels: int | None
     action: str
     reason: str
+    note: str = ""
     input_size: tuple[int, ...] | None = None
     output_size: tuple[int, ...] | None = None
     extra_macs: int | None = None
@@ -71,7 +73,9 @@ class Report:
     """The decisions and costs of one rewrite: print it, or read ``rows`` / ``records()``.
 
     ``parts`` is set for a model rewritten in parts: which submodules were rewritten, and
-    which modules could not be traced and run as before.
+    which modules could not be traced and run as before. ``nesting`` says which modules got
+    a forward of their own and which were inlined into their callers (their hooks no
+    longer fire); it is ``None`` for a flat result (``transform(flatten=True)``).
     """
 
     model: str
@@ -80,6 +84,7 @@ class Report:
     macs_before: int | None = None
     macs_after: int | None = None
     parts: Parts | None = None
+    nesting: Nesting | None = None
 
     @property
     def blurred(self) -> int:
@@ -107,6 +112,9 @@ class Report:
         elif not self.blurred:
             reasons = sorted({row.reason for row in self.rows})
             lines[0] += f" - nothing blurred ({'; '.join(reasons)})"
+        if self.nesting is not None and self.nesting.inlined:
+            inlined = ", ".join(f"{item.path} ({item.reason})" for item in self.nesting.inlined)
+            lines.append(f"inlined into their callers, no longer called as modules: {inlined}")
         if self.parts is not None:
             lines.append(f"rewritten parts: {', '.join(self.parts.rewritten) or 'none'}")
             if self.parts.untraced:
@@ -133,7 +141,7 @@ class Report:
                 _size(row.kernel_size),
                 _size(row.stride),
                 "" if row.in_channels is None else f"{row.in_channels}->{row.out_channels}",
-                row.action if row.action != "skipped" else f"skipped: {row.reason}",
+                _action(row),
             ]
             if sized and row.output_size is None:
                 cells += ["not run in this mode", "", ""]
@@ -158,6 +166,7 @@ class Report:
                 "overhead": self.overhead,
                 "records": self.records(),
                 "parts": None if self.parts is None else asdict(self.parts),
+                "nesting": None if self.nesting is None else asdict(self.nesting),
             },
             indent=2,
         )
@@ -194,15 +203,17 @@ def report(gm: nn.Module, input_shape: Sequence[int] | torch.Tensor | None = Non
             f"{model} was rewritten in parts ({', '.join(parts.rewritten) or 'none'}): sizes and costs need "
             "one graph; pass each part with its own input shape, e.g. report(model.<part>, input_shape)"
         )
+    nesting = nesting_of(gm)
     if input_shape is None:
-        return Report(model, tuple(_row(change) for change in decisions), parts=parts)
+        return Report(model, tuple(_row(change) for change in decisions), parts=parts, nesting=nesting)
+    flat = flat_graph_module(gm)
     example = input_shape if isinstance(input_shape, torch.Tensor) else _example(gm, tuple(input_shape))
-    propagate_shapes(gm, example)
-    nodes = {node.name: node for node in gm.graph.nodes}
-    rows = tuple(_row(change, nodes, gm) for change in decisions)
-    macs_after = sum(node_macs(node, gm) for node in gm.graph.nodes)
+    propagate_shapes(flat, example)
+    nodes = {node.name: node for node in flat.graph.nodes}
+    rows = tuple(_row(change, nodes, flat) for change in decisions)
+    macs_after = sum(node_macs(node, flat) for node in flat.graph.nodes)
     macs_before = macs_after - sum(row.extra_macs or 0 for row in rows)
-    return Report(model, rows, tuple(example.shape), macs_before, macs_after)
+    return Report(model, rows, tuple(example.shape), macs_before, macs_after, nesting=nesting)
 
 
 def _row(change: Change, nodes: dict[str, fx.Node] | None = None, gm: fx.GraphModule | None = None) -> Row:
@@ -215,6 +226,7 @@ def _row(change: Change, nodes: dict[str, fx.Node] | None = None, gm: fx.GraphMo
         out_channels=change.out_channels,
         action=change.action,
         reason=change.reason,
+        note=change.note,
     )
     named = (change.node, change.input_node, change.output_node, *change.added_nodes, *change.enlarged_nodes)
     if nodes is None or not all(name in nodes for name in named):
@@ -229,6 +241,10 @@ def _row(change: Change, nodes: dict[str, fx.Node] | None = None, gm: fx.GraphMo
         growth = 1 - after.numel() / output_of(nodes[name]).numel()  # what it adds over what it stands for
         extra_macs += round(node_macs(nodes[name], gm) * growth)
         extra_bytes += round(node_bytes(nodes[name]) * growth)
+    if change.blurred_module:
+        macs, memory = blurred_op_extra(nodes[change.node], gm)
+        extra_macs += macs
+        extra_bytes += memory
     return dataclasses.replace(
         row,
         input_size=tuple(before.shape[-spatial:]),
@@ -236,6 +252,12 @@ def _row(change: Change, nodes: dict[str, fx.Node] | None = None, gm: fx.GraphMo
         extra_macs=extra_macs,
         extra_bytes=extra_bytes,
     )
+
+
+def _action(row: Row) -> str:
+    if row.action == "skipped":
+        return f"skipped: {row.reason}"
+    return f"{row.action} ({row.note})" if row.note else row.action
 
 
 def _example(gm: fx.GraphModule, shape: tuple[int, ...]) -> torch.Tensor:

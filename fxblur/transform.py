@@ -7,19 +7,22 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
-from fxblur.changes import Change, changes, recorded, store
+from fxblur.changes import Change, changes, recorded, store, store_flat_graphs
 from fxblur.options import BlurOptions, resolve
 from fxblur.passes import BlurAvgPools, BlurMaxPools, BlurStridedConvs
-from fxblur.passes.window_pass import BLUR_CONTAINER, Blurs
+from fxblur.passes.window_pass import RewriteContext
 from fxblur.report import report
+from fxblur.rewrite.calls import SITE, forget_calls
 from fxblur.rewrite.cloning import share_tensors
-from fxblur.rewrite.graph_module import assemble, install_called_modules
+from fxblur.rewrite.graph_module import assemble, graph_module_over, working_module
+from fxblur.rewrite.nesting import ModeGraph, changed_calls, nest, snapshot, store_nesting, warn_about_hooks
 from fxblur.rewrite.partial import parts_of, rewrite_parts
-from fxblur.rewrite.tracer import UntraceableModelError, trace
+from fxblur.rewrite.tracer import BlurTracer, Traced, UntraceableModelError, trace
 
 
 class NoEffectWarning(UserWarning):
@@ -43,6 +46,7 @@ def transform(
     exclude: str | Iterable[str] | None = None,
     copy: bool = False,
     strict: bool = True,
+    flatten: bool = False,
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     concrete_args: dict[str, Any] | None = None,
     verbose: bool = True,
@@ -88,6 +92,9 @@ def transform(
             ``False`` rewrites its traceable parts instead and returns the model (of its
             own class) with those parts replaced. ``fxblur.report`` names the parts
             rewritten and the modules that could not be traced.
+        flatten: return one flat graph over the whole model, as torch.fx does: the
+            modules the trace went through are no longer called (their hooks no longer
+            fire; they become bare containers).
         leaf_modules: module classes or paths to call as a whole instead of tracing into
             (for code torch.fx cannot trace; strided ops inside them are not blurred).
         concrete_args: fixed values for non-tensor ``forward`` arguments, as in
@@ -130,20 +137,18 @@ def transform(
         padding_mode=padding_mode,
         exclude=exclude,
     )
-    leaf_modules = _check_tracing_options(copy, strict, leaf_modules, concrete_args, verbose)
-    container = getattr(model, BLUR_CONTAINER, None)
-    if container is not None and not isinstance(container, Blurs):
-        raise ValueError(f"the model has an attribute named {BLUR_CONTAINER!r}, which fxblur needs for its blurs")
+    leaf_modules = _check_tracing_options(copy, strict, flatten, leaf_modules, concrete_args, verbose)
+    _check_not_wrapped(model)
 
     root = copy_module.deepcopy(model) if copy else share_tensors(model)
     try:
-        result = _rewrite(root, options, leaf_modules, concrete_args)
+        result = _rewrite(root, options, leaf_modules, concrete_args, flatten=flatten)
     except UntraceableModelError as error:
         if strict:
             raise
 
-        def rewrite_part(part: nn.Module, path: str, leaves: tuple) -> fx.GraphModule:
-            return _rewrite(part, options, leaves, None, scope=path)
+        def rewrite_part(part: nn.Module, path: str, leaves: tuple, reached: frozenset[int]) -> nn.Module:
+            return _rewrite(part, options, leaves, None, flatten=flatten, scope=path, reached=reached - {id(part)})
 
         result = rewrite_parts(root, error, rewrite_part, leaf_modules)
     decisions = changes(result)
@@ -162,42 +167,80 @@ def transform(
 
 
 def _rewrite(
-    root: nn.Module, options: BlurOptions, leaf_modules: tuple, concrete_args: dict | None, scope: str = ""
-) -> fx.GraphModule:
-    """Trace ``root`` (fxblur's own copy, re-wired in place), run the passes, assemble the result.
+    root: nn.Module,
+    options: BlurOptions,
+    leaf_modules: tuple,
+    concrete_args: dict | None,
+    flatten: bool = False,
+    scope: str = "",
+    reached: frozenset[int] = frozenset(),
+) -> nn.Module:
+    """Trace ``root`` (fxblur's own copy, re-wired in place), run the passes, put the result together.
 
-    ``scope``: the path of ``root`` in the user's model, when it is one of its parts.
+    ``scope``: the path of ``root`` in the user's model, when it is one of its parts; a part
+    whose own code needs no change keeps its class. ``reached``: ids of modules that code
+    outside the trace also uses; like those inside leaf modules, they must not change.
     """
-    graphs = _trace_each_mode(root, leaf_modules, concrete_args)
+    traces = _trace_each_mode(root, leaf_modules, concrete_args)
+    unique = list({id(traced): traced for traced in (traces[root.training], traces[not root.training])}.values())
+    working = {id(traced): working_module(root, traced.graph) for traced in unique}
+    before = {id(traced): snapshot(traced.graph) for traced in unique}
+    frozen = _frozen_modules(root, leaf_modules) | reached
+    context = RewriteContext(working.values(), frozen, scope)
     kinds = (
         (options.replace_convs, BlurStridedConvs),
         (options.replace_maxpools, BlurMaxPools),
         (options.replace_avgpools, BlurAvgPools),
     )
-    passes = [make(options, scope) for wanted, make in kinds if wanted]
-    blurs = getattr(root, BLUR_CONTAINER, None)
-    blurs = Blurs() if blurs is None else blurs
-    rewritten = []
-    for graph in dict.fromkeys(graphs.values()):  # the current mode's graph first
-        gm = fx.GraphModule(root, graph)
-        gm.add_module(BLUR_CONTAINER, blurs)
-        PassManager(passes)(gm)
+    passes = [make(options, context) for wanted, make in kinds if wanted]
+    for gm in working.values():  # the current mode's graph first
+        try:
+            PassManager(passes)(gm)
+        except Exception as error:  # PassManager wraps what a pass raised: hand the user the pass's own error
+            raise error.__cause__ or error from None
         gm.graph.lint()
-        rewritten.append(gm)
-    # Only now may root take the rewritten modules: every graph had to see the originals.
-    decisions: dict[tuple[str, str], Change] = {}
-    for gm in rewritten:
-        install_called_modules(root, gm)
-        for change in recorded(gm):  # a call in both graphs is one decision
-            decisions.setdefault((change.target, change.node), change)
-    result = assemble(root, graphs[True], graphs[False])
-    order = {node.name: i for i, node in enumerate(graphs[root.training].nodes)}
-    store(result, sorted(decisions.values(), key=lambda change: order.get(change.node, len(order))))
+    context.install(root)  # only now: every graph had to see the original modules
+    decisions = _decisions(list(working.values()))
+    if flatten:
+        warn_about_hooks(call for traced in unique for call in traced.root.walk())
+        result = assemble(root, traces[True].graph, traces[False].graph)
+    else:
+        modes = {
+            mode: ModeGraph(traced.graph, traced.root, changed_calls(traced.graph, before[id(traced)]))
+            for mode, traced in traces.items()
+        }
+        result, nesting = nest(root, modes, frozen, graph_module_over, keep_unchanged_root=bool(scope))
+        store_nesting(result, nesting)
+    store(result, decisions)
+    for traced in unique:
+        forget_calls(traced.graph)
+    store_flat_graphs(result, {mode: traced.graph for mode, traced in traces.items()})
     return result
 
 
-def _trace_each_mode(root: nn.Module, leaf_modules: tuple, concrete_args: dict | None) -> dict[bool, fx.Graph]:
-    """Trace ``root`` as it is, then in the other mode; one graph if both are the same.
+def _decisions(graph_modules: list[fx.GraphModule]) -> list[Change]:
+    """Every graph's decisions, one per call site (a call in both graphs is one), in the first graph's order."""
+    decisions: dict[str, Change] = {}
+    for gm in graph_modules:
+        nodes = {node.name: node for node in gm.graph.nodes}
+        for change in recorded(gm):
+            decisions.setdefault(nodes[change.node].meta.get(SITE, change.node), change)
+    order = {node.name: i for i, node in enumerate(graph_modules[0].graph.nodes)}
+    return sorted(decisions.values(), key=lambda change: order.get(change.node, len(order)))
+
+
+def _frozen_modules(root: nn.Module, leaf_modules: tuple) -> frozenset[int]:
+    """The modules inside the user's leaf modules: their code calls them, so they must not change."""
+    tracer = BlurTracer(leaf_modules)
+    frozen: set[int] = set()
+    for path, module in root.named_modules():
+        if path in tracer.leaf_paths or isinstance(module, tracer.user_leaf_classes):
+            frozen.update(id(sub) for sub in module.modules())
+    return frozenset(frozen)
+
+
+def _trace_each_mode(root: nn.Module, leaf_modules: tuple, concrete_args: dict | None) -> dict[bool, Traced]:
+    """Trace ``root`` as it is, then in the other mode; one trace for both if they are the same.
 
     Per-module modes are restored afterwards (``root`` is fxblur's own copy, but a model
     in train mode with frozen BatchNorms in eval should come back exactly so).
@@ -205,25 +248,50 @@ def _trace_each_mode(root: nn.Module, leaf_modules: tuple, concrete_args: dict |
     modes = {module: module.training for module in root.modules()}
     current = root.training
     try:
-        graphs = {current: trace(root, leaf_modules, concrete_args)}
+        traces = {current: trace(root, leaf_modules, concrete_args)}
         root.train(not current)
-        graphs[not current] = trace(root, leaf_modules, concrete_args)
+        traces[not current] = trace(root, leaf_modules, concrete_args)
     finally:
         root.train(current)  # lets a TrainEvalGraphModule switch back to its graph
         for module, training in modes.items():
             module.training = training
-    if graphs[True].python_code("self").src == graphs[False].python_code("self").src:
-        graphs[not current] = graphs[current]
-    return graphs
+    if traces[True].graph.python_code("self").src == traces[False].graph.python_code("self").src:
+        traces[not current] = traces[current]
+    return traces
 
 
-def _check_tracing_options(copy: Any, strict: Any, leaf_modules: Any, concrete_args: Any, verbose: Any) -> tuple:
-    for name, value in (("copy", copy), ("strict", strict), ("verbose", verbose)):
+def _check_not_wrapped(model: nn.Module) -> None:
+    """``TypeError`` for a compiled, scripted or data-parallel wrapper: fxblur rewrites the model inside."""
+    wrappers = {
+        "torch.compile": (torch._dynamo.eval_frame.OptimizedModule, "model._orig_mod", "compile the result again"),
+        "torch.jit": (torch.jit.ScriptModule, "the model before scripting", "script the result again"),
+        "DataParallel": (nn.DataParallel, "model.module", "wrap the result again"),
+        "DistributedDataParallel": (
+            nn.parallel.DistributedDataParallel,
+            "model.module",
+            "wrap the result again",
+        ),
+    }
+    for name, (cls, inner, then) in wrappers.items():
+        if isinstance(model, cls):
+            raise TypeError(
+                f"transform got a {name} wrapper ({type(model).__name__}); torch.fx cannot trace it. "
+                f"Pass {inner} instead, and {then}: fxblur.transform(model) first, then wrap."
+            )
+
+
+def _check_tracing_options(
+    copy: Any, strict: Any, flatten: Any, leaf_modules: Any, concrete_args: Any, verbose: Any
+) -> tuple:
+    for name, value in (("copy", copy), ("strict", strict), ("flatten", flatten), ("verbose", verbose)):
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be True or False, got {value!r}")
     if isinstance(leaf_modules, (str, type)):
         leaf_modules = (leaf_modules,)
-    leaf_modules = tuple(leaf_modules)
+    try:
+        leaf_modules = tuple(leaf_modules)
+    except TypeError:
+        raise ValueError(f"leaf_modules must be nn.Module classes or module paths, got {leaf_modules!r}") from None
     for leaf in leaf_modules:
         if not (isinstance(leaf, str) or (isinstance(leaf, type) and issubclass(leaf, nn.Module))):
             raise ValueError(f"leaf_modules must hold nn.Module classes or module paths, got {leaf!r}")

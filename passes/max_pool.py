@@ -6,7 +6,8 @@ import torch.fx as fx
 
 from fxblur.ops.ceil_mode import pad_for_ceil_mode
 from fxblur.ops.max_pool import max_pool_stride_one, stride_one_max_pool
-from fxblur.passes.window_pass import WindowOpPass
+from fxblur.passes.window_pass import RewriteContext, WindowOpPass
+from fxblur.rewrite.calls import place
 from fxblur.rewrite.window_ops import WindowOp
 
 
@@ -37,12 +38,12 @@ class BlurMaxPools(WindowOpPass):
             reason = "return_indices=True: the indices must refer to the strided pool's input"
         return reason
 
-    def run_at_stride_one(self, gm: fx.GraphModule, op: WindowOp) -> tuple[fx.Node, ...]:
+    def run_at_stride_one(self, gm: fx.GraphModule, op: WindowOp, context: RewriteContext) -> tuple[fx.Node, ...]:
         added = ()
         if op.ceil_mode:
-            geometry = (op.kernel_size, op.stride, op.padding, op.dilation)
+            geometry = (list(op.kernel_size), list(op.stride), list(op.padding), list(op.dilation))
             with gm.graph.inserting_before(op.node):
-                padded = gm.graph.call_function(pad_for_ceil_mode, (op.input, *geometry))
+                padded = place(gm.graph.call_function(pad_for_ceil_mode, (op.input, *geometry)), op.node)
             padded.meta["is_wrapped"] = True  # the generated code re-registers torch.fx.wrap
             op.replace_input(padded)
             added = (padded,)
@@ -52,5 +53,5 @@ class BlurMaxPools(WindowOpPass):
             op.node.kwargs = {}
             op.node.meta["is_wrapped"] = True
         else:
-            self.replace_module(op, lambda: stride_one_max_pool(op.module))
+            context.replace(op.target, op.module, lambda: stride_one_max_pool(op.module))
         return added

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from fxblur.changes import Change
-from fxblur.passes.window_pass import WindowOpPass
+from fxblur.passes.window_pass import Plan, RewriteContext, WindowOpPass
 from fxblur.rewrite.pointwise import pointwise_chain
 from fxblur.rewrite.window_ops import WindowOp
 
@@ -50,14 +50,19 @@ class BlurStridedConvs(WindowOpPass):
             return "subsample_before"
         return "blur_past_nonlinearity" if self.options.past_nonlinearity else "blur_after"
 
-    def blur_past_nonlinearity(self, gm: fx.GraphModule, op: WindowOp) -> Change:
-        """Run the conv at stride 1 and subsample after the per-channel ops that follow it."""
+    def plan(self, op: WindowOp, gm: fx.GraphModule) -> Plan:
+        plan = super().plan(op, gm)
+        if plan.placement != "blur_past_nonlinearity":
+            return plan
         chain = tuple(pointwise_chain(op.node, gm, op.dims))
-        if not chain:  # the conv feeds a branch or a non-pointwise op straight away
-            return self.blur_after(gm, op)
+        # a conv that feeds a branch or a non-pointwise op straight away is blurred right after
+        return Plan("blur_past_nonlinearity", chain=chain) if chain else Plan("blur_after")
+
+    def blur_past_nonlinearity(self, gm: fx.GraphModule, op: WindowOp, plan: Plan, context: RewriteContext) -> Change:
+        """Run the conv at stride 1 and subsample after the per-channel ops that follow it."""
         source = op.input
-        added = self.run_at_stride_one(gm, op)
-        return self._blur_output(gm, op, "blur_past_nonlinearity", source, added, chain)
+        added = self.run_at_stride_one(gm, op, context)
+        return self._blur_output(gm, op, "blur_past_nonlinearity", source, added, plan.chain, context)
 
     def _bias_commutes_with_blur(self, op: WindowOp) -> bool:
         has_bias = op.module.bias is not None if op.module is not None else op.arguments.get("bias") is not None

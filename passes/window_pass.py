@@ -11,12 +11,24 @@ records why it leaves the op alone, or rewrites it in one of these ways and reco
 - ``blur_past_nonlinearity`` (convs): as ``blur_after``, with the blur moved past the
   per-channel ops that follow the conv.
 
+Where the rewrite is carried out is decided per module, over every call of it in every
+graph (``RewriteContext``): when all of a conv or pool module's calls get the same
+placement, and it is one of the first three, the module is replaced by a blurred version
+of itself that carries the blur (``fxblur.ops.blurred``), and no caller changes. Otherwise
+the graph gets blur nodes, placed in the module call where the op happens
+(``fxblur.rewrite.calls``); an op module that must run at stride 1 is then replaced by a
+stride-1 copy, which every one of its calls must want. A module that code outside the
+graph may call (one inside a ``leaf_modules`` module) is never replaced: its ops are
+blurred before, in the graph, whatever the placement asked, and the record says why.
+
 Subclasses name the kind of op, choose the placement and add their own reasons to skip.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from itertools import chain
 
 import torch
@@ -26,56 +38,108 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxblur.changes import Change, record
 from fxblur.ops.blur_module import Blur
+from fxblur.ops.blurred import BLURRED, BlurredOp, make_blurred
 from fxblur.options import BlurOptions
+from fxblur.rewrite.calls import call_of, place, redirect
 from fxblur.rewrite.cloning import share_tensors
 from fxblur.rewrite.window_ops import WindowOp, read_window_op, set_call_argument
 
 BLUR_CONTAINER = "fxblur"
 
+# Placements a blurred op module carries whole, and those that run the op at stride 1.
+IN_MODULE = ("blur_before", "subsample_before", "blur_after")
+AT_STRIDE_ONE = ("subsample_before", "blur_after", "blur_past_nonlinearity")
+
 
 class Blurs(nn.ModuleDict):
-    """The container, at ``gm.fxblur``, of the blur modules a rewrite adds."""
+    """The container, ``fxblur`` in a module, of the blur modules a rewrite calls from its graph."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do with one call of an op: a placement, or the reason to leave it alone."""
+
+    placement: str = ""
+    reason: str = ""
+    chain: tuple[fx.Node, ...] = ()  # the per-channel ops a blur past the nonlinearity moves past
+
+
+class RewriteContext:
+    """What the passes of one rewrite share across the graphs of a model (one per mode).
+
+    Args:
+        graph_modules: every graph of the model, each over the model's own module tree.
+        frozen: ids of modules that code outside the graphs may call; they never change.
+        scope: the path of the rewritten module in the model the user passed, when that is
+            a submodule (``transform(strict=False)``): ``exclude`` patterns match full paths.
+    """
+
+    def __init__(self, graph_modules: Iterable[fx.GraphModule], frozen: frozenset[int] = frozenset(), scope: str = ""):
+        self.frozen = frozen
+        self.scope = scope
+        self.calls: dict[int, list[tuple[fx.GraphModule, fx.Node]]] = {}
+        for gm in graph_modules:
+            for node in gm.graph.nodes:
+                if node.op == "call_module":
+                    self.calls.setdefault(id(gm.get_submodule(node.target)), []).append((gm, node))
+        self.realization: dict[int, str] = {}
+        self.replacements: dict[str, nn.Module] = {}
+        self._made: dict[int, nn.Module] = {}
+
+    def replace(self, target: str, module: nn.Module, make: Callable[[], nn.Module]) -> nn.Module:
+        """Replace ``module`` at ``target`` (once every graph is rewritten) by what ``make`` builds.
+
+        Every call of the same module gets the same replacement, built on the first call.
+        """
+        if id(module) not in self._made:
+            self._made[id(module)] = make()
+        self.replacements[target] = self._made[id(module)]
+        return self._made[id(module)]
+
+    def install(self, root: nn.Module) -> None:
+        """Put the replacements into ``root``: only once every graph has seen the original modules."""
+        for target, module in self.replacements.items():
+            owner, _, name = target.rpartition(".")
+            root.get_submodule(owner)._modules[name] = module
 
 
 class WindowOpPass(PassBase):
     """Blur every downsampling op of ``kind`` (``"conv"``, ``"max_pool"``, ...) in a graph.
 
-    One instance may run over several graphs of the same model (its train and eval
-    graphs): a module that must run at stride 1 is replaced by the same stride-1 copy in
-    every graph, after every call of it has been rewritten.
-
-    ``scope`` is the path of the rewritten module in the model the user passed, when that
-    is a submodule (``transform(strict=False)``): ``exclude`` patterns match full paths.
+    Args:
+        options: the rewrite options.
+        context: shared by the passes over every graph of one model; a pass run on a
+            single GraphModule on its own makes one for it.
     """
 
     kind: str
 
-    def __init__(self, options: BlurOptions, scope: str = "") -> None:
+    def __init__(self, options: BlurOptions, context: RewriteContext | None = None) -> None:
         self.options = options
-        self.scope = scope
-        self._stride_one: dict[int, nn.Module] = {}
-        self._replacements: dict[str, nn.Module] = {}
+        self.context = context
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
+        own_context = self.context is None
+        context = RewriteContext([graph_module]) if own_context else self.context
         modified = False
         for node in list(graph_module.graph.nodes):
             op = read_window_op(node, graph_module)
             if op is None or op.kind != self.kind or not op.downsamples:
                 continue
-            reason = self.skip_reason(op, graph_module)
-            if reason:
-                record(graph_module, _change(op, "skipped", reason))
+            plan = self.plan(op, graph_module)
+            if not plan.placement:
+                record(graph_module, _change(op, "skipped", plan.reason))
                 continue
-            rewrite = getattr(self, self.placement(op))
-            record(graph_module, rewrite(graph_module, op))
+            record(graph_module, self._rewrite(graph_module, op, plan, context))
             modified = True
-        # Modules change only now: a module called at several places must look the same,
-        # strided, to every one of its call sites while the walk rewrites them.
-        for target, module in self._replacements.items():
-            owner, _, name = target.rpartition(".")
-            setattr(graph_module.get_submodule(owner), name, module)
-        self._replacements.clear()
+        if own_context:
+            context.install(graph_module)
         return PassResult(graph_module, modified)
+
+    def plan(self, op: WindowOp, gm: fx.GraphModule) -> Plan:
+        """Skip ``op`` (with the reason) or choose its placement."""
+        reason = self.skip_reason(op, gm)
+        return Plan(reason=reason) if reason else Plan(self.placement(op))
 
     def placement(self, op: WindowOp) -> str:
         """The rewrite for ``op``: the name of one of this pass's rewrite methods."""
@@ -83,34 +147,80 @@ class WindowOpPass(PassBase):
 
     def skip_reason(self, op: WindowOp, gm: fx.GraphModule) -> str:
         """Why ``op`` must be left alone, or ``""``. Subclasses add their own reasons."""
-        pattern = self.options.excluded(f"{self.scope}.{op.target}" if self.scope else op.target)
+        scope = self.context.scope if self.context else ""
+        pattern = self.options.excluded(f"{scope}.{op.target}" if scope else op.target)
         if pattern is not None:
             return f"excluded by {pattern!r}"
+        if isinstance(op.module, BlurredOp) or _is_blurred_before(op, gm):
+            return "already blurred"
         if op.custom_forward:
             return f"{type(op.module).__name__} overrides forward"
-        if _is_blurred_before(op, gm):
-            return "already blurred"
         return ""
 
     def blur(self, op: WindowOp, stride: tuple[int, ...]) -> Blur:
         """The blur for ``op``, subsampling by ``stride``."""
         return Blur(self.options.filter_taps(op.stride), stride, self.options.padding_mode, op.dims)
 
-    def blur_before(self, gm: fx.GraphModule, op: WindowOp) -> Change:
+    def _rewrite(self, gm: fx.GraphModule, op: WindowOp, plan: Plan, context: RewriteContext) -> Change:
+        if op.module is None:
+            return getattr(self, plan.placement)(gm, op, plan, context)
+        realization = self._realization(op, context)
+        if realization == "module":
+            return self._blur_in_module(op, plan, context)
+        if realization == "untouched" and plan.placement != "blur_before":
+            change = self.blur_before(gm, op, plan, context)
+            why = (
+                "its module is also called from outside the graph"
+                if id(op.module) in context.frozen
+                else ("its other calls need the module as it is")
+            )
+            return dataclasses.replace(change, note=f"{plan.placement} would change {op.target}, but {why}")
+        return getattr(self, plan.placement)(gm, op, plan, context)
+
+    def _realization(self, op: WindowOp, context: RewriteContext) -> str:
+        """How the op's module takes part: ``"module"`` (a blurred op module), ``"stride_one"`` (a stride-1
+        copy, blurs in the graph) or ``"untouched"`` (blurs in the graph, before it)."""
+        key = id(op.module)
+        if key not in context.realization:
+            plans = [self.plan(read_window_op(node, gm), gm) for gm, node in context.calls[key]]
+            placements = {plan.placement for plan in plans}
+            if key in context.frozen or "" in placements:
+                context.realization[key] = "untouched"
+            elif len(placements) == 1 and placements <= set(IN_MODULE) and type(op.module) in BLURRED:
+                context.realization[key] = "module"
+            elif placements <= set(AT_STRIDE_ONE):
+                context.realization[key] = "stride_one"
+            else:
+                context.realization[key] = "untouched"
+        return context.realization[key]
+
+    def _blur_in_module(self, op: WindowOp, plan: Plan, context: RewriteContext) -> Change:
+        blur_input = plan.placement != "blur_after"
+        stride_one = plan.placement != "blur_before"
+        stride = op.stride if stride_one else (1,) * op.dims
+
+        def blurred() -> nn.Module:
+            return make_blurred(share_tensors(op.module), self.blur(op, stride), blur_input, stride_one)
+
+        context.replace(op.target, op.module, blurred)
+        return _change(op, plan.placement, blur=f"{op.target}.{BLUR_CONTAINER}", blurred_module=True)
+
+    def blur_before(self, gm: fx.GraphModule, op: WindowOp, plan: Plan, context: RewriteContext) -> Change:
         """Blur the op's input at stride 1; the op keeps its stride."""
-        return self._blur_input(gm, op, "blur_before", (1,) * op.dims, ())
+        return self._blur_input(gm, op, "blur_before", (1,) * op.dims, (), context)
 
-    def subsample_before(self, gm: fx.GraphModule, op: WindowOp) -> Change:
+    def subsample_before(self, gm: fx.GraphModule, op: WindowOp, plan: Plan, context: RewriteContext) -> Change:
         """Blur and subsample the op's input; the op runs at stride 1 on what is left."""
-        return self._blur_input(gm, op, "subsample_before", op.stride, self.run_at_stride_one(gm, op))
+        added = self.run_at_stride_one(gm, op, context)
+        return self._blur_input(gm, op, "subsample_before", op.stride, added, context)
 
-    def blur_after(self, gm: fx.GraphModule, op: WindowOp) -> Change:
+    def blur_after(self, gm: fx.GraphModule, op: WindowOp, plan: Plan, context: RewriteContext) -> Change:
         """Run the op at stride 1 and subsample its output with a blur."""
         source = op.input
-        added = self.run_at_stride_one(gm, op)
-        return self._blur_output(gm, op, "blur_after", source, added, ())
+        added = self.run_at_stride_one(gm, op, context)
+        return self._blur_output(gm, op, "blur_after", source, added, (), context)
 
-    def run_at_stride_one(self, gm: fx.GraphModule, op: WindowOp) -> tuple[fx.Node, ...]:
+    def run_at_stride_one(self, gm: fx.GraphModule, op: WindowOp, context: RewriteContext) -> tuple[fx.Node, ...]:
         """Make ``op`` compute every window; return the nodes this needed to insert.
 
         At stride 1 a pool's ``ceil_mode`` has no effect, so it is switched off.
@@ -129,25 +239,22 @@ class WindowOpPass(PassBase):
                 module.ceil_mode = False
             return module
 
-        self.replace_module(op, stride_one_copy)
+        context.replace(op.target, op.module, stride_one_copy)
         return ()
 
-    def replace_module(self, op: WindowOp, make: Callable[[], nn.Module]) -> None:
-        """Replace the module ``op`` calls, once the walk is done, by the one ``make`` builds.
-
-        Every call of the same module gets the same replacement, built on the first call.
-        """
-        if id(op.module) not in self._stride_one:
-            self._stride_one[id(op.module)] = make()
-        self._replacements[op.target] = self._stride_one[id(op.module)]
-
     def _blur_input(
-        self, gm: fx.GraphModule, op: WindowOp, action: str, stride: tuple[int, ...], added: tuple[fx.Node, ...]
+        self,
+        gm: fx.GraphModule,
+        op: WindowOp,
+        action: str,
+        stride: tuple[int, ...],
+        added: tuple[fx.Node, ...],
+        context: RewriteContext,
     ) -> Change:
-        path = add_blur(gm, op.target, self.blur(op, stride))
         source = op.input
+        path = add_blur(gm, op.node, op.target, self.blur(op, stride), context.frozen)
         with gm.graph.inserting_before(op.node):
-            blurred = gm.graph.call_module(path, (source,))
+            blurred = place(gm.graph.call_module(path, (source,)), op.node)
         op.replace_input(blurred)
         return _change(op, action, blur=path, input_node=source, added=(*added, blurred))
 
@@ -159,13 +266,14 @@ class WindowOpPass(PassBase):
         source: fx.Node,
         added: tuple[fx.Node, ...],
         chain: tuple[fx.Node, ...],
+        context: RewriteContext,
     ) -> Change:
         """Subsample with a blur after the op, or after the per-channel ``chain`` that follows it."""
         last = chain[-1] if chain else op.node
-        path = add_blur(gm, op.target, self.blur(op, op.stride))
+        path = add_blur(gm, last, op.target, self.blur(op, op.stride), context.frozen)
         with gm.graph.inserting_after(last):
-            blurred = gm.graph.call_module(path, (last,))
-        last.replace_all_uses_with(blurred, delete_user_cb=lambda user: user is not blurred)
+            blurred = place(gm.graph.call_module(path, (last,)), last)
+        redirect(last, blurred, keep=blurred)
         return _change(
             op,
             action,
@@ -177,25 +285,35 @@ class WindowOpPass(PassBase):
         )
 
 
-def add_blur(gm: fx.GraphModule, name: str, blur: Blur) -> str:
-    """Install ``blur`` under ``gm.fxblur`` and return its path.
+def add_blur(gm: fx.GraphModule, at: fx.Node, name: str, blur: Blur, frozen: frozenset[int] = frozenset()) -> str:
+    """Install ``blur`` in the module whose call ``at`` belongs to, and return its path.
 
-    The name is ``name`` with dots turned into underscores; an equal blur already there
-    is reused, a different one gets a numbered name.
+    It goes into that module's ``fxblur`` container (the nearest module that may change,
+    if that one may not), named ``name`` with dots turned into underscores; an equal blur
+    already there is reused, a different one gets a numbered name.
     """
-    container = getattr(gm, BLUR_CONTAINER, None)
+    call = call_of(at)
+    lineage = [] if call is None else list(call.lineage())
+    owner_path = next((c.path for c in lineage if id(c.module) not in frozen), "")
+    owner = gm.get_submodule(owner_path)
+    container = owner._modules.get(BLUR_CONTAINER)
+    taken = hasattr(owner, BLUR_CONTAINER) if container is None else type(container) is not Blurs
+    if taken:
+        raise ValueError(
+            f"the module {owner_path or '(root)'} ({type(owner).__name__}) has an attribute named "
+            f"{BLUR_CONTAINER!r}, which fxblur needs for the blurs its graph calls: rename it"
+        )
     if container is None:
         container = Blurs()
-        gm.add_module(BLUR_CONTAINER, container)
-    elif not isinstance(container, Blurs):
-        raise ValueError(f"the model already has an attribute named {BLUR_CONTAINER!r}; fxblur needs that name")
-    base = name.replace(".", "_")
+        owner.add_module(BLUR_CONTAINER, container)
+    prefix = f"{owner_path}.{BLUR_CONTAINER}" if owner_path else BLUR_CONTAINER
+    base = (name[len(owner_path) + 1 :] if owner_path and name.startswith(f"{owner_path}.") else name).replace(".", "_")
     for key in chain([base], (f"{base}_{i}" for i in range(1, len(container) + 2))):
         if key not in container:
             container[key] = blur.to(_device_of(gm))
-            return f"{BLUR_CONTAINER}.{key}"
+            return f"{prefix}.{key}"
         if container[key].spec == blur.spec:
-            return f"{BLUR_CONTAINER}.{key}"
+            return f"{prefix}.{key}"
     raise AssertionError("unreachable: a free name always exists")
 
 
@@ -223,6 +341,7 @@ def _change(
     output_node: fx.Node | None = None,
     added: tuple[fx.Node, ...] = (),
     enlarged: tuple[fx.Node, ...] = (),
+    blurred_module: bool = False,
 ) -> Change:
     return Change(
         target=op.target,
@@ -239,4 +358,5 @@ def _change(
         output_node=(output_node or op.node).name,
         added_nodes=tuple(n.name for n in added),
         enlarged_nodes=tuple(n.name for n in enlarged),
+        blurred_module=blurred_module,
     )

@@ -1,4 +1,4 @@
-"""A transformed model trains under DistributedDataParallel: 2 gloo processes on the loopback."""
+"""A transformed model trains under DistributedDataParallel and FSDP2: 2 gloo processes on the loopback."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torchvision.models.resnet import BasicBlock
 
 import fxblur
 
@@ -45,11 +47,17 @@ def blurred_net() -> nn.Module:
     return fxblur.transform(net, verbose=False)
 
 
-def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+def blurred_resnet() -> nn.Module:
+    """ResNet-18 rewritten by fxblur, in eval mode: BatchNorm statistics are not per process."""
+    torch.manual_seed(0)
+    return fxblur.transform(torchvision.models.resnet18(num_classes=10), past_nonlinearity=True, verbose=False).eval()
+
+
+def global_batches(steps: int = STEPS, size: int = 24) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
     batches = []
-    for _ in range(STEPS):
-        x = torch.randn(GLOBAL_BATCH, 3, 24, 24, generator=generator)
+    for _ in range(steps):
+        x = torch.randn(GLOBAL_BATCH, 3, size, size, generator=generator)
         batches.append((x, torch.randint(0, 10, (GLOBAL_BATCH,), generator=generator)))
     return batches
 
@@ -67,7 +75,7 @@ def train(model: nn.Module, batches, rank: int = 0, world_size: int = 1) -> tupl
     return grads, {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _connect(rank: int, port: int) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(
         "gloo",
@@ -76,8 +84,12 @@ def _worker(rank: int, port: int, out: str) -> None:
         world_size=WORLD_SIZE,
         timeout=timedelta(seconds=60),
     )
+    torch.set_num_threads(1)
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    _connect(rank, port)
     try:
-        torch.set_num_threads(1)
         model = DistributedDataParallel(blurred_net())
         grads, params = train(model, global_batches(), rank, WORLD_SIZE)
         strip = len("module.")
@@ -92,6 +104,43 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+def _fsdp_worker(rank: int, port: int, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    _connect(rank, port)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+        model = blurred_resnet()
+        for module in model.modules():  # the standard recipe: every block, then the root
+            if isinstance(module, BasicBlock):
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for x, y in global_batches(steps=2, size=32):
+            shard = slice(rank * len(x) // WORLD_SIZE, (rank + 1) * len(x) // WORLD_SIZE)
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[shard]), y[shard]).backward()
+            optimizer.step()
+        params = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
+        torch.save({"params": params}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_ranks(worker, tmp_path: Path) -> list[dict]:
+    context = mp.start_processes(
+        worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"ranks did not finish within {TIMEOUT_S}s")
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,16 +148,7 @@ def _free_port() -> int:
 
 
 def test_ddp_on_two_gloo_ranks_matches_a_single_process_run(tmp_path):
-    context = mp.start_processes(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):  # raises if a rank failed
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"DDP ranks did not finish within {TIMEOUT_S}s")
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    ranks = _run_ranks(_ddp_worker, tmp_path)
 
     for name, value in ranks[0]["params"].items():
         assert torch.equal(ranks[1]["params"][name], value), name  # DDP keeps the replicas identical
@@ -122,3 +162,13 @@ def test_ddp_on_two_gloo_ranks_matches_a_single_process_run(tmp_path):
                 torch.testing.assert_close(rank["grads"][step][name], grad, rtol=1e-5, atol=1e-6)
     for name, value in params.items():
         torch.testing.assert_close(ranks[0]["params"][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_sharding_every_block_matches_a_single_process_run(tmp_path):
+    ranks = _run_ranks(_fsdp_worker, tmp_path)
+    single = blurred_resnet()
+    assert isinstance(single.layer2[0], BasicBlock) and isinstance(single.layer2[0], torch.fx.GraphModule)
+    _, params = train(single, global_batches(steps=2, size=32))
+    for name, value in params.items():
+        for rank in ranks:
+            torch.testing.assert_close(rank["params"][name], value, rtol=1e-4, atol=1e-4)

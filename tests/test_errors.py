@@ -110,8 +110,22 @@ def test_changes_of_a_foreign_module_is_a_clear_error():
         fxblur.changes(torch.fx.symbolic_trace(nn.Conv2d(1, 1, 1)))
 
 
-def test_a_model_attribute_named_fxblur_is_reported():
-    model = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2))
-    model.fxblur = nn.Identity()
-    with pytest.raises(ValueError, match="attribute named 'fxblur'"):
+class FunctionalPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fxblur = nn.Identity()  # the name fxblur gives the blurs a module's own graph calls
+
+    def forward(self, x):
+        return torch.nn.functional.max_pool2d(self.fxblur(x), 2)
+
+
+def test_a_module_attribute_named_fxblur_is_reported_where_fxblur_needs_the_name():
+    model = FunctionalPool()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="has an attribute named 'fxblur'"):
         fxblur.transform(model, verbose=False)
+    assert_same_snapshot(before, snapshot(model))
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2))
+    model.fxblur = nn.Identity()  # never needed: the conv carries its own blur
+    gm = fxblur.transform(model, verbose=False)
+    assert gm(torch.randn(1, 16, 9, 9)).shape == (1, 16, 4, 4)

@@ -39,22 +39,39 @@ def test_inception_v3_aux_logits_in_train_mode_only(blur_first):
 
 
 def stochastic_depth_training_flags(gm) -> set[bool]:
-    """The ``training`` argument the graph passes to torchvision's stochastic_depth."""
+    """The ``training`` argument a flat graph passes to torchvision's stochastic_depth."""
     calls = [n for n in gm.graph.nodes if getattr(n.target, "__name__", "") == "stochastic_depth"]
     assert calls
     return {n.args[3] for n in calls}
 
 
-def test_efficientnet_stochastic_depth_follows_the_mode():
+def test_efficientnet_flat_graph_bakes_stochastic_depth_per_mode():
     model = torchvision.models.efficientnet_b0().eval()
-    gm = fxblur.transform(model, filter_size=1, copy=True, verbose=False)
-    x = torch.randn(2, 3, 64, 64)
-    torch.testing.assert_close(gm(x), model(x))
+    gm = fxblur.transform(model, filter_size=1, copy=True, flatten=True, verbose=False)
     assert stochastic_depth_training_flags(gm) == {False}
     gm.train()
     assert stochastic_depth_training_flags(gm) == {True}
-    assert gm(x).shape == (2, 1000)
     gm.eval()
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_efficientnet_stochastic_depth_follows_the_mode(flatten):
+    model = torchvision.models.efficientnet_b0().eval()
+    # with a 1-tap filter the rewrite computes what the model computes: stochastic depth included
+    gm = fxblur.transform(model, filter_size=1, copy=True, flatten=flatten, verbose=False)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(gm(x), model(x))
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        expected = model.train()(x)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(gm.train()(x), expected)
+    torch.manual_seed(0)
+    first = gm(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(gm(x), first)  # blocks are dropped at random in train mode
+    gm.eval()
+    model.eval()
     gm.load_state_dict(model.state_dict())
     torch.testing.assert_close(gm(x), model(x))
 

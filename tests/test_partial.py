@@ -49,12 +49,16 @@ def test_faster_rcnn_backbone_is_blurred_and_the_detector_runs(detector):
     assert_same_snapshot(before, snapshot(detector))
 
     assert type(model) is FasterRCNN and model is not detector
-    assert isinstance(model.backbone, torch.fx.GraphModule)
+    assert type(model.backbone) is type(detector.backbone)  # only what has something to rewrite changes
+    assert type(model.backbone.body.layer2[0].conv2).__name__ == "BlurredConv2d"
+    extra_level = model.backbone.fpn.extra_blocks  # its forward calls F.max_pool2d: it got a graph of its own
+    assert isinstance(extra_level, type(detector.backbone.fpn.extra_blocks)) and "fxblur" in extra_level.code
     assert model.backbone.out_channels == detector.backbone.out_channels == 256  # heads are built from it
     assert model.rpn is not detector.rpn and model.rpn.head.cls_logits.weight is detector.rpn.head.cls_logits.weight
     body = {f"backbone.body.{name}" for name in ("maxpool", "layer2.0.conv2", "layer3.0.conv2", "layer4.0.conv2")}
     shortcuts = {f"backbone.body.layer{i}.0.downsample.0" for i in (2, 3, 4)}
-    assert blurred(model) == body | shortcuts | {"backbone.max_pool2d"}  # the FPN's extra level: F.max_pool2d(x, 1, 2)
+    extra = "backbone.fpn.extra_blocks.max_pool2d"  # the FPN's extra level: F.max_pool2d(x, 1, 2, 0)
+    assert blurred(model) == body | shortcuts | {extra}
     parts = fxblur.report(model).parts
     assert parts.rewritten == ("backbone",)
     assert [(u.path, u.module) for u in parts.untraced] == [
@@ -119,9 +123,10 @@ def test_parts_are_the_largest_traceable_modules_and_options_use_full_paths():
     assert {c.target: c.reason for c in fxblur.changes(out)} == {
         "features.0": "",
         "features.2": "excluded by 'features.2'",
-        "pool.max_pool2d": "",  # a part that is itself an op is traced through to its functional call
+        "pool": "",  # a part that is itself an op carries its blur
     }
     assert fxblur.report(out).parts.rewritten == ("features", "pool")
+    assert type(out.pool).__name__ == "BlurredMaxPool2d"
     assert out.head is not model.head and type(out.head) is nn.Sequential  # a leaf: left as it was
     assert type(out.flat) is nn.Conv2d  # nothing to blur: not replaced
     assert out(x).shape == model(x).shape

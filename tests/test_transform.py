@@ -13,6 +13,7 @@ from torch import nn
 
 import fxblur
 from fxblur import Blur, NoEffectWarning
+from fxblur.ops.blurred import BlurredOp
 from support import assert_same_snapshot, layer_shapes, snapshot
 
 
@@ -38,12 +39,13 @@ def test_resnet50_defaults_blur_downsampling_convs_and_stem_pool(resnet50):
     # the stride-1 ops (layer1's downsample, every 3x3 conv outside the first blocks) are untouched
     considered = {c.target for c in fxblur.changes(gm)}
     assert "layer1.0.downsample.0" not in considered and "layer2.1.conv2" not in considered
-    # every blurred op is now fed by a Blur along both axes
+    # every op blurred before now blurs its own input along both axes, and keeps its stride
     for change in fxblur.changes(gm):
         if change.action == "blur_before":
-            node = next(n for n in gm.graph.nodes if n.name == change.node)
-            module = gm.get_submodule(node.args[0].target)
-            assert isinstance(module, Blur) and module.stride == (1, 1) and module.filter_size == (3, 3)
+            op, blur = gm.get_submodule(change.target), gm.get_submodule(change.blur)
+            assert isinstance(op, BlurredOp) and op.blur_input and blur is op.fxblur
+            assert isinstance(blur, Blur) and blur.stride == (1, 1) and blur.filter_size == (3, 3)
+            assert op.stride in (2, (2, 2))
 
 
 def test_resnet50_blur_after_runs_ops_at_stride_one(resnet50):
@@ -92,9 +94,10 @@ def test_inception_v3_functional_max_pools_are_blurred():
         warnings.simplefilter("ignore")
         model = torchvision.models.inception_v3(init_weights=False, aux_logits=False).eval()
     gm = fxblur.transform(model, verbose=False)
-    functional = {c.target for c in fxblur.changes(gm) if c.op == "max_pool2d" and c.target.startswith("max_pool2d")}
-    assert len(functional) == 2  # Mixed_6a and Mixed_7a call F.max_pool2d(x, 3, stride=2)
+    functional = {c.target for c in fxblur.changes(gm) if c.op == "max_pool2d" and "max_pool2d" in c.target}
+    assert functional == {"Mixed_6a.max_pool2d", "Mixed_7a.max_pool2d"}  # F.max_pool2d(x, 3, stride=2) in each
     assert all(blurred(gm)[t] == "blur_before" for t in functional)
+    assert isinstance(gm.Mixed_6a, type(model.Mixed_6a)) and "fxblur" in gm.Mixed_6a.code  # their blocks got a graph
     assert {"maxpool1", "maxpool2"} <= set(blurred(gm))
 
 
@@ -213,9 +216,13 @@ def test_transform_is_idempotent():
         with pytest.warns(NoEffectWarning):
             twice = fxblur.transform(once, verbose=False, **options)
         assert twice.code == once.code
-        assert len(list(twice.fxblur.children())) == len(list(once.fxblur.children()))
+        assert blur_count(twice) == blur_count(once) == 7
         x = torch.randn(1, 3, 40, 40)
         torch.testing.assert_close(twice.eval()(x), once.eval()(x))
+
+
+def blur_count(model: nn.Module) -> int:
+    return sum(isinstance(module, Blur) for module in model.modules())
 
 
 def test_nothing_to_blur_warns():
@@ -302,10 +309,20 @@ def test_plain_attributes_the_model_set_are_kept():
     assert gm.graph is not None and isinstance(gm.code, str)  # the GraphModule's own names win
 
 
-def test_traced_through_modules_cannot_be_called_with_stale_code():
-    gm = fxblur.transform(torchvision.models.resnet18(), blur_first=False, verbose=False)
-    with pytest.raises(NotImplementedError):
-        gm.layer2(torch.randn(1, 64, 16, 16))  # its forward would run stride-1 convs unblurred
+@pytest.mark.parametrize("options", [{}, {"blur_first": False}, {"past_nonlinearity": True}])
+def test_blocks_stay_modules_that_compute_their_part_of_the_rewrite(options):
+    model = torchvision.models.resnet18().eval()
+    gm = fxblur.transform(model, verbose=False, **options)
+    assert type(gm.layer2) is nn.Sequential or isinstance(gm.layer2, nn.Sequential)
+    assert [name for name, _ in gm.named_children()] == [name for name, _ in model.named_children()]
+    x = torch.randn(1, 3, 64, 64)
+    stem = gm.maxpool(gm.relu(gm.bn1(gm.conv1(x))))
+    layers = gm.layer4(gm.layer3(gm.layer2(gm.layer1(stem))))  # called one by one, as a user may
+    torch.testing.assert_close(gm.fc(torch.flatten(gm.avgpool(layers), 1)), gm(x))
+    y = torch.randn(1, 64, 16, 16)
+    for block in gm.layer2:  # iterable, and each block callable on its own
+        y = block(y)
+    assert y.shape == (1, 128, 8, 8)
 
 
 def test_copy_gives_an_independent_model():

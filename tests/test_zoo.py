@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fxblur
+from fxblur.changes import flat_graph_module
 from support import IMAGE_ZOO, VIDEO_ZOO, input_sizes, layer_shapes, meta_model
 
 # Transformers whose only strided op is a patchify stem on 3 channels (< min_channels).
@@ -55,7 +56,7 @@ def test_every_feature_map_keeps_its_shape(name, placement):
 def enlarged_calls(gm) -> set[tuple[str, int]]:
     """(module path, call number) of the module calls a rewrite moved to full resolution."""
     calls, seen = {}, Counter()
-    for node in gm.graph.nodes:
+    for node in flat_graph_module(gm).graph.nodes:
         if node.op == "call_module":
             calls[node.name] = (node.target, seen[node.target])
             seen[node.target] += 1

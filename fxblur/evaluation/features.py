@@ -7,10 +7,11 @@ Hooks see every ``nn.Linear``; the last call in the pass wins, whatever the orde
 which the modules were registered.
 
 ``layer="NAME"`` takes the output of that module instead, averaged over its spatial axes
-when it has any: ``layer="layer4"`` is not right for a model rewritten by fxblur, whose
-graph calls only leaf modules (convs, norms, activations, pools), so name one of those
-(``"layer4.1.relu"``), and one the rewrite does not change: a strided conv or pool that
-fxblur runs at stride 1 returns a larger map there.
+when it has any. A model rewritten by fxblur calls the same modules as the original
+(``layer="layer4"`` works on both); in a flat one (``transform(flatten=True)``) only leaf
+modules are called, so name one of those (``"layer4.1.relu"``). Past the nonlinearity
+(``past_nonlinearity=True``), the BatchNorm and activations before a moved blur return a
+larger map than the original's.
 
 Example:
     >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))

@@ -1,29 +1,42 @@
-"""The GraphModule that ``transform`` returns: the rewritten graph over the whole module tree.
+"""The GraphModules a rewrite builds: over a module's whole tree, one graph per mode, copies that keep everything.
 
-torch.fx's ``GraphModule(root, graph)`` keeps only the modules its graph calls. fxblur keeps
-the model's whole tree (with the rewritten modules in place), so ``state_dict()`` has exactly
-the original keys, parameters the forward does not use included. As in torch.fx, modules
-the tracer went through (``layer1``, a ``Bottleneck``) become bare containers: their own
-``forward`` no longer describes what the graph computes, so it must not be callable.
+``graph_module_over`` makes a module that runs given graphs over an existing module's
+tree: its children, parameters, buffers, hooks and plain attributes are that module's, so
+``state_dict()`` has exactly the original keys (parameters the forward does not use
+included), and hooks fire as before. torch.fx's own ``GraphModule(root, graph)`` keeps only
+what the graph references, in reference order, and no hooks.
 
-A model whose forward reads ``self.training`` (Inception's auxiliary head, stochastic depth
-baked into a call) traces to a different graph in each mode. ``TrainEvalGraphModule``
-holds both and runs the one that matches its mode, like the original does.
+- The root of a rewritten model is a ``BlurGraphModule`` named like the model's class.
+- A submodule that gets a forward of its own (``fxblur.rewrite.nesting``) keeps its class
+  too: it becomes an instance of a subclass of ``BlurGraphModule`` *and* of its original
+  class (``Rewritten[Bottleneck]``), so a ``Sequential`` still iterates and indexes, and an
+  ``isinstance`` check on a block (an FSDP or activation-checkpointing policy) still holds.
+  Methods of the original class other than ``forward`` are the original's.
+- A model whose forward reads ``self.training`` (Inception's auxiliary head, stochastic depth
+  baked into a call) traces to a different graph in each mode: ``TrainEvalGraphModule``
+  holds both and runs the one that matches its mode, like the original does.
 
-Copies keep what fxblur adds to a GraphModule: ``copy.deepcopy``, ``pickle`` and
-``torch.save``/``torch.load`` give back the same class and class name, both graphs of a
-``TrainEvalGraphModule``, and the decisions that ``fxblur.changes`` reads.
+``assemble`` builds the single flat graph of ``transform(flatten=True)``: modules the
+tracer went through become bare containers there, since their own ``forward`` no longer
+describes what the graph computes.
+
+Copies keep what fxblur adds: ``copy.deepcopy``, ``pickle`` and ``torch.save``/``torch.load``
+give back the same classes and class names, both graphs of a ``TrainEvalGraphModule``,
+hooks, and the decisions that ``fxblur.changes`` reads.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
+
+from fxblur.rewrite.calls import forget_calls
 
 _TREE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
 
@@ -32,8 +45,8 @@ class BlurGraphModule(fx.GraphModule):
     """The GraphModule ``fxblur.transform`` returns; it pickles and copies whole.
 
     torch.fx pickles a GraphModule as its generated code and re-traces that code on load,
-    which loses ``meta`` (where the decisions live) and the class name, and knows of one
-    graph only. Here each graph travels as a plain GraphModule over the same modules (so
+    which loses ``meta`` (where the decisions live), hooks and the class name, and knows of
+    one graph only. Here each graph travels as a plain GraphModule over the same modules (so
     as code, the way torch.fx keeps graphs across versions), and the module comes back as
     it was. Loading a whole module with ``torch.load`` needs ``weights_only=False``.
 
@@ -51,15 +64,19 @@ class BlurGraphModule(fx.GraphModule):
         state = {name: value for name, value in self.__dict__.items() if not isinstance(value, fx.Graph)}
         # A GraphModule takes ownership of its graph: hand the carriers copies.
         carriers = tuple(fx.GraphModule(self, copy.deepcopy(self.__dict__[name])) for name in self._graph_attributes)
-        return _unpickle, (_defining_class(self), type(self).__name__, state, carriers)
+        return _unpickle, (*_class_spec(self), state, carriers)
 
-    def _deepcopy_init(self) -> Callable[[nn.Module, nn.Module, fx.Graph], None]:
-        cls, class_name, names = _defining_class(self), type(self).__name__, self._graph_attributes
+    def __deepcopy__(self, memo: dict[int, Any]) -> BlurGraphModule:
+        kind, original, class_name = _class_spec(self)
+        clone = _class_for(kind, original).__new__(_class_for(kind, original))
+        memo[id(self)] = clone
+        state = {name: value for name, value in self.__dict__.items() if not isinstance(value, fx.Graph)}
+        graphs = [copy.deepcopy(self.__dict__[name], memo) for name in self._graph_attributes]
+        _restore(clone, class_name, copy.deepcopy(state, memo), graphs)
+        return clone
 
-        def init(module: nn.Module, root: nn.Module, graph: fx.Graph) -> None:
-            cls.__init__(module, root, *(root.__dict__[name] for name in names), class_name)
-
-        return init
+    def _current_graph(self) -> fx.Graph:
+        return self.__dict__[self._graph_attributes[0]]
 
 
 class TrainEvalGraphModule(BlurGraphModule):
@@ -86,9 +103,90 @@ class TrainEvalGraphModule(BlurGraphModule):
             self.graph = graph  # recompiles forward
         return self
 
+    def _current_graph(self) -> fx.Graph:
+        return self.train_graph if self.training else self.eval_graph
+
+
+class _ModuleInit:
+    """Between ``GraphModule`` and a module's original class: runs ``nn.Module.__init__``, not the original's."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        nn.Module.__init__(self)
+
+
+@functools.cache
+def _class_for(kind: type[BlurGraphModule], original: type[nn.Module] | None) -> type[BlurGraphModule]:
+    """``kind`` itself, or the subclass of ``kind`` and ``original`` that a rewritten submodule is."""
+    if original is None:
+        return kind
+    return type(f"Rewritten[{original.__name__}]", (kind, _ModuleInit, original), {"__module__": __name__})
+
+
+def _class_spec(gm: BlurGraphModule) -> tuple[type[BlurGraphModule], type[nn.Module] | None, str]:
+    """What a copy needs to rebuild ``gm``'s class: its kind, its original class (if it keeps one), its name."""
+    mro = type(gm).__mro__
+    kind = TrainEvalGraphModule if TrainEvalGraphModule in mro else BlurGraphModule
+    original = mro[mro.index(_ModuleInit) + 1] if _ModuleInit in mro else None
+    return kind, original, type(gm).__name__
+
+
+def graph_module_over(module: nn.Module, graphs: dict[bool, fx.Graph], keep_class: bool) -> BlurGraphModule:
+    """A module running ``graphs`` (one per mode, or one for both) over ``module``'s tree and state.
+
+    Args:
+        module: fxblur's copy of the module; the result takes its children, tensors, hooks
+            and attributes.
+        graphs: the graph for each mode (``True``: train); equal graphs make one.
+        keep_class: make the result an instance of ``module``'s class too (for a submodule;
+            the root is a ``BlurGraphModule`` named after its class).
+    """
+    for graph in graphs.values():
+        forget_calls(graph)
+    unique = list({graph.python_code("self").src: graph for graph in graphs.values()}.values())
+    kind = BlurGraphModule if len(unique) == 1 else TrainEvalGraphModule
+    original = type(module) if keep_class and not isinstance(module, fx.GraphModule) else None
+    cls = _class_for(kind, original)
+    name = type(module).__name__
+    for graph in graphs.values():
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                register_tensor(module, node.target)
+    gm = cls(module, unique[0], name) if kind is BlurGraphModule else cls(module, graphs[True], graphs[False], name)
+    _take_state(gm, module)
+    return gm
+
+
+def working_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule for the passes: ``graph`` over ``root``'s own module tree (changes go to ``root``)."""
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            register_tensor(root, node.target)
+    gm = fx.GraphModule(root, graph)
+    for name in _TREE:
+        gm.__dict__[name] = root.__dict__[name]
+    return gm
+
+
+def _take_state(gm: BlurGraphModule, module: nn.Module) -> None:
+    """Give ``gm`` everything of ``module``'s but what makes it a GraphModule: tree, tensors, hooks, attributes."""
+    owned = _graph_module_state()
+    for name, value in module.__dict__.items():
+        if name in owned or (name not in _MODULE_STATE and hasattr(type(gm), name) and name not in gm.__dict__):
+            continue
+        gm.__dict__[name] = value.copy() if isinstance(value, (dict, set)) else value
+
+
+_MODULE_STATE = frozenset(nn.Module().__dict__)
+
+
+@functools.cache
+def _graph_module_state() -> frozenset[str]:
+    """The instance attributes a GraphModule has and a plain module does not (``_graph``, ``meta``, ...)."""
+    return frozenset(fx.GraphModule(nn.Module(), fx.Graph()).__dict__) - _MODULE_STATE
+
 
 def assemble(root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph) -> BlurGraphModule:
-    """A GraphModule over ``root``'s whole module tree that runs the given graph per mode.
+    """The flat result (``flatten=True``): a GraphModule over ``root``'s whole tree running the graph per mode.
 
     ``root`` is fxblur's own copy of the model and is rearranged in place; it must already
     hold every module the graphs call.
@@ -96,66 +194,41 @@ def assemble(root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph) -> Bl
     graphs = list(dict.fromkeys((train_graph, eval_graph)))
     called = {n.target for g in graphs for n in g.nodes if n.op == "call_module"}
     ancestors = {"", *(t.rsplit(".", i)[0] for t in called for i in range(1, t.count(".") + 1))}
-    for graph in graphs:
-        for node in graph.nodes:
-            if node.op == "get_attr":
-                _register_tensor(root, node.target)
     tree = _bare_traced_modules(root, "", called, ancestors)
-    if train_graph is eval_graph:
-        return _over_tree(BlurGraphModule, tree, (train_graph,), type(root).__name__)
-    return _over_tree(TrainEvalGraphModule, tree, (train_graph, eval_graph), type(root).__name__)
-
-
-def _over_tree(
-    cls: type[BlurGraphModule], tree: nn.Module, graphs: tuple[fx.Graph, ...], class_name: str
-) -> BlurGraphModule:
-    """A ``cls`` running ``graphs`` that holds ``tree``'s modules and tensors, all of them.
-
-    The GraphModule constructor keeps what the graph references, in reference order; the
-    whole tree, in the model's order, makes ``state_dict()`` list the same keys.
-    """
-    gm = cls(tree, *graphs, class_name)
-    for name in _TREE:
-        gm.__dict__[name] = copy.copy(tree.__dict__[name])
-    _keep_plain_attributes(tree, gm)
-    return gm
-
-
-def _keep_plain_attributes(source: nn.Module, target: nn.Module) -> None:
-    """Give ``target`` the public attributes ``source`` set in ``__init__`` that are not tensors or modules.
-
-    Code that builds on a model reads them (``backbone.out_channels``, ``model.num_classes``);
-    names the target's class defines (``graph``, ``code``, ``training``) stay the target's.
-    """
-    for name, value in source.__dict__.items():
-        if not name.startswith("_") and name not in target.__dict__ and not hasattr(type(target), name):
-            target.__dict__[name] = value
+    return graph_module_over(tree, {True: train_graph, False: eval_graph}, keep_class=False)
 
 
 def _unpickle(
-    cls: type[BlurGraphModule], class_name: str, state: dict[str, Any], carriers: tuple[fx.GraphModule, ...]
+    kind: type[BlurGraphModule],
+    original: type[nn.Module] | None,
+    class_name: str,
+    state: dict[str, Any],
+    carriers: tuple[fx.GraphModule, ...],
 ) -> BlurGraphModule:
     """The inverse of ``BlurGraphModule.__reduce__``: the graphs come from the carriers' code."""
-    root = nn.Module()
-    root.__dict__.update(state)
-    gm = cls(root, *(carrier.graph for carrier in carriers), class_name)
-    gm.__dict__.update(state)  # the whole tree, meta, hooks: all the constructor does not carry over
+    cls = _class_for(kind, original)
+    gm = cls.__new__(cls)
+    _restore(gm, class_name, state, [carrier.graph for carrier in carriers])
     return gm
 
 
-def _defining_class(gm: fx.GraphModule) -> type[BlurGraphModule]:
-    """``BlurGraphModule`` or ``TrainEvalGraphModule``: torch.fx gives each instance a subclass of its own."""
-    return next(cls for cls in type(gm).__mro__ if "GraphModuleImpl" not in cls.__qualname__)
+def _restore(gm: BlurGraphModule, class_name: str, state: dict[str, Any], graphs: list[fx.Graph]) -> None:
+    """Fill a new, empty ``gm`` with ``state`` and ``graphs`` (in ``_graph_attributes`` order)."""
+    gm.__dict__.update(state)
+    for name, graph in zip(gm._graph_attributes, graphs, strict=True):
+        gm.__dict__[name] = graph
+    type(gm).__name__ = class_name
+    gm.graph = gm._current_graph()  # takes ownership and compiles forward
 
 
-def _register_tensor(root: nn.Module, target: str) -> None:
+def register_tensor(owner_root: nn.Module, target: str) -> None:
     """Make a tensor the graph reads a buffer of its owner, if the model never registered it.
 
     Tracer constants and plain tensor attributes become non-persistent buffers: they
     follow ``.to()`` but add no ``state_dict()`` key that the original lacks.
     """
     owner_path, _, name = target.rpartition(".")
-    owner = root.get_submodule(owner_path)
+    owner = owner_root.get_submodule(owner_path)
     value = getattr(owner, name)
     if isinstance(value, torch.Tensor) and name not in owner._parameters and name not in owner._buffers:
         owner.__dict__.pop(name, None)
@@ -175,36 +248,11 @@ def _bare_traced_modules(module: nn.Module, path: str, called: set[str], ancesto
     for name, child in list(module._modules.items()):
         if child is not None:
             module._modules[name] = _bare_traced_modules(child, f"{path}.{name}" if path else name, called, ancestors)
-    if type(module).forward is nn.Module.forward:
+    if type(module).forward is nn.Module.forward or not path:
         return module
     container = nn.Module()
     container.training = module.training
-    _keep_plain_attributes(module, container)
-    container._parameters = module._parameters
-    container._buffers = module._buffers
-    container._non_persistent_buffers_set = module._non_persistent_buffers_set
-    container._modules = module._modules
+    for name, value in module.__dict__.items():
+        if name in _TREE or (not name.startswith("_") and name not in container.__dict__):
+            container.__dict__[name] = value
     return container
-
-
-def install_called_modules(root: nn.Module, gm: fx.GraphModule) -> None:
-    """Put into ``root``'s tree every module that ``gm``'s graph calls and ``root`` lacks."""
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        module = gm.get_submodule(node.target)
-        owner_path, _, name = node.target.rpartition(".")
-        owner = _get_or_add_container(root, owner_path, gm)
-        if owner._modules.get(name) is not module:
-            owner.add_module(name, module)
-
-
-def _get_or_add_container(root: nn.Module, path: str, gm: fx.GraphModule) -> nn.Module:
-    owner = root
-    walked: list[str] = []
-    for name in path.split(".") if path else ():
-        walked.append(name)
-        if owner._modules.get(name) is None:
-            owner.add_module(name, gm.get_submodule(".".join(walked)))
-        owner = owner._modules[name]
-    return owner

@@ -1,11 +1,14 @@
 """Symbolic tracing of a model into the graph that the blur passes rewrite.
 
-``BlurTracer`` is torch.fx's ``Tracer`` with two changes:
+``BlurTracer`` is torch.fx's ``Tracer`` with three changes:
 
 - every conv, pool and ``Blur`` module is a leaf, including subclasses from other
   libraries (timm's ``Conv2dSame``, ``StdConv2d``): the passes then see the call and can
   decide on it, instead of tracing into code whose arithmetic they cannot rewrite;
-- ``leaf_modules`` adds the user's own leaves, by class or by module path.
+- ``leaf_modules`` adds the user's own leaves, by class or by module path;
+- every call of a module it traces through is recorded (``fxblur.rewrite.calls``), so
+  that the rewrite can be put back into the modules where it happens; hooks registered on
+  those modules do not run while tracing (they run when the result calls the module).
 
 When tracing fails, ``trace`` raises ``UntraceableModelError`` naming the module and the
 source line that failed. Tips for making a model traceable:
@@ -18,8 +21,8 @@ source line that failed. Tips for making a model traceable:
 - ``torch.fx.wrap("fn")`` at module level makes a free function opaque to tracing.
 
 Example:
-    >>> graph = trace(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2)))
-    >>> [node.op for node in graph.nodes]
+    >>> traced = trace(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2)))
+    >>> [node.op for node in traced.graph.nodes]
     ['placeholder', 'call_module', 'output']
 """
 
@@ -29,6 +32,7 @@ import linecache
 import os
 import traceback
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +41,7 @@ from torch import nn
 from torch.fx.proxy import TraceError
 
 from fxblur.ops.blur_module import Blur
+from fxblur.rewrite.calls import CALL, Call, as_nodes
 
 ALWAYS_LEAVES = (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, Blur)
 
@@ -59,9 +64,25 @@ class BlurTracer(fx.Tracer):
     def __init__(self, leaf_modules: Iterable[type[nn.Module] | str] = ()) -> None:
         super().__init__()
         leaf_modules = tuple(leaf_modules)
-        self.leaf_classes = ALWAYS_LEAVES + tuple(m for m in leaf_modules if isinstance(m, type))
+        self.user_leaf_classes = tuple(m for m in leaf_modules if isinstance(m, type))
+        self.leaf_classes = ALWAYS_LEAVES + self.user_leaf_classes
         self.leaf_paths = frozenset(m for m in leaf_modules if isinstance(m, str))
         self.failed_module: tuple[str, type[nn.Module]] | None = None
+        self.root_call: Call | None = None
+        self._current: Call | None = None
+
+    def trace(self, root: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        self.root_call = self._current = Call("", root)
+        graph = super().trace(root, concrete_args)
+        self.root_call.args = tuple(node for node in graph.nodes if node.op == "placeholder")
+        self.root_call.output = next(node for node in graph.nodes if node.op == "output").args[0]
+        return graph
+
+    def create_node(self, kind: str, target: Any, args: tuple, kwargs: dict, name: Any = None, type_expr: Any = None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        node.meta[CALL] = self._current
+        self._current.name_site(node)
+        return node
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (
@@ -72,7 +93,18 @@ class BlurTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         try:
-            return super().call_module(m, forward, args, kwargs)
+            path = self.path_of_module(m)
+            if self.is_leaf_module(m, path):
+                return super().call_module(m, forward, args, kwargs)
+            call = Call(path, m, self._current, as_nodes(args), as_nodes(kwargs))
+            self._current.children.append(call)
+            self._current = call
+            try:  # m.forward, not m(...): the module's hooks must not run on proxies
+                output = super().call_module(m, lambda *a, **k: m.forward(*a, **k), args, kwargs)
+            finally:
+                self._current = call.parent
+            call.output = as_nodes(output)
+            return output
         except Exception:
             if self.failed_module is None:  # the innermost module fails first
                 path = next((name for name, sub in self.root.named_modules() if sub is m), "?")
@@ -80,11 +112,19 @@ class BlurTracer(fx.Tracer):
             raise
 
 
+@dataclass(frozen=True)
+class Traced:
+    """A flat graph of a module and the tree of module calls it was traced through."""
+
+    graph: fx.Graph
+    root: Call
+
+
 def trace(
     root: nn.Module,
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     concrete_args: dict[str, Any] | None = None,
-) -> fx.Graph:
+) -> Traced:
     """Trace ``root`` with ``BlurTracer``; ``UntraceableModelError`` if torch.fx cannot.
 
     Modules keep the attributes they had: a forward that stores on ``self`` while traced
@@ -95,7 +135,7 @@ def trace(
     tracer = BlurTracer(leaf_modules)
     saved = [(module, dict(module.__dict__)) for module in root.modules()]
     try:
-        return tracer.trace(root, concrete_args)
+        return Traced(tracer.trace(root, concrete_args), tracer.root_call)
     except Exception as error:
         raise UntraceableModelError(_explain(root, tracer.failed_module, error)) from error
     finally:

@@ -23,6 +23,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxblur.rewrite.calls import SITE
+
 _CONV_PARAMETERS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 _MAX_POOL_PARAMETERS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
@@ -92,7 +94,9 @@ class WindowOp:
     """A conv or pool node as every pass sees it.
 
     ``target`` names it in reports and ``exclude`` patterns: the module path for a module
-    call, the node name for a functional call. ``arguments`` holds a functional call's
+    call; for a functional call, its site (``fxblur.rewrite.calls``: the path of the module
+    that made the call and the function's name, ``"Mixed_6a.max_pool2d"``), or the node's
+    name in a graph that was not traced by fxblur. ``arguments`` holds a functional call's
     arguments by parameter name; it is empty for module calls, whose ``module`` is set.
     """
 
@@ -201,7 +205,7 @@ def _read_function_call(node: fx.Node, function: _Function, root: nn.Module) -> 
             node,
             "conv",
             dims,
-            node.name,
+            node.meta.get(SITE, node.name),
             kernel_size=kernel_size,
             stride=_per_axis(arguments["stride"], dims),
             padding=padding if isinstance(padding, str) else _per_axis(padding, dims),
@@ -216,7 +220,7 @@ def _read_function_call(node: fx.Node, function: _Function, root: nn.Module) -> 
         node,
         function.kind,
         dims,
-        node.name,
+        node.meta.get(SITE, node.name),
         kernel_size=kernel_size,
         stride=kernel_size if stride is None or stride in ((), []) else _per_axis(stride, dims),
         padding=_per_axis(arguments["padding"], dims),
