@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -37,10 +38,16 @@ from fxblur.ops.blurred import BlurredOp
 def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
     """Record every node's output as a fake tensor in ``node.meta["val"]``.
 
-    ``example`` only lends its shape, dtype and device; nothing is computed.
+    ``example`` only lends its shape, dtype and device; nothing is computed. An input the
+    model cannot take raises the op's own error (torch's logging of it is silenced).
     """
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    FakeTensorProp(gm, mode).propagate(mode.from_tensor(example))
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        FakeTensorProp(gm, mode).propagate(mode.from_tensor(example))
+    finally:
+        logger.disabled = disabled
 
 
 def output_of(node: fx.Node) -> torch.Tensor | None:

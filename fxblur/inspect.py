@@ -117,7 +117,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(error, UntraceableModelError):
             return _fail(str(error))
         p.error(str(error))
-    the_report = report(gm, input_shape(model, args.input_size, args.frames))
+    shape = input_shape(model, args.input_size, args.frames)
+    try:
+        the_report = report(gm, shape)
+    except Exception as error:  # the model itself cannot run on such an input (too small, wrong channels)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        p.error(f"{args.model} cannot run on a {'x'.join(map(str, shape))} input: {reason}")
     code = _code(model, gm, args.show_code, args.leaf_module) if args.show_code else None
     if args.format == "json":
         data = json.loads(the_report.json())

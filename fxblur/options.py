@@ -10,8 +10,10 @@ Placement, per kind of op:
   ``blur_first=False`` runs the conv at stride 1 and lets a blur subsample after it;
   ``past_nonlinearity=True`` (which takes precedence) moves that blur down the chain of
   per-channel ops that follows the conv (BatchNorm, activations, dropout), as the paper
-  does. With either of the last two, a 1x1 conv gets its blur-and-subsample before it
-  instead: the same result at a quarter of the cost.
+  does. A 1x1 conv without padding gets its blur-and-subsample before it instead, at a
+  quarter of the cost, in every placement where that computes the same: always with
+  ``blur_first``, and after it unless the conv has a bias and the blur pads with zeros
+  (see ``fxblur.passes.BlurStridedConvs``).
 - pools: ``pool_blur_first`` (``blur_first`` unless set) chooses between blurring before
   the pool and running the pool at stride 1 followed by a subsampling blur (MaxBlurPool).
 

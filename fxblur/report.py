@@ -108,7 +108,7 @@ class Report:
     def summary(self) -> str:
         lines = [f"{self.model}: {self.blurred} blurred, {self.skipped} skipped"]
         if not self.rows:
-            lines[0] = f"{self.model}: no conv or max pool with a stride above 1, nothing to blur"
+            lines[0] = f"{self.model}: no strided conv or pool of the kinds the options blur, nothing to blur"
         elif not self.blurred:
             reasons = sorted({row.reason for row in self.rows})
             lines[0] += f" - nothing blurred ({'; '.join(reasons)})"

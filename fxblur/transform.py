@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy as copy_module
+import difflib
+import fnmatch
+import inspect
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -17,7 +20,7 @@ from fxblur.options import BlurOptions, resolve
 from fxblur.passes import BlurAvgPools, BlurMaxPools, BlurStridedConvs
 from fxblur.passes.window_pass import RewriteContext
 from fxblur.report import report
-from fxblur.rewrite.calls import SITE, forget_calls
+from fxblur.rewrite.calls import SITE, forget_calls, name_sites
 from fxblur.rewrite.cloning import share_tensors
 from fxblur.rewrite.graph_module import assemble, graph_module_over, working_module
 from fxblur.rewrite.nesting import ModeGraph, changed_calls, nest, snapshot, store_nesting, warn_about_hooks
@@ -152,6 +155,7 @@ def transform(
 
         result = rewrite_parts(root, error, rewrite_part, leaf_modules)
     decisions = changes(result)
+    _warn_about_options_that_match_nothing(model, options, leaf_modules, concrete_args, decisions)
     if all(change.action == "skipped" for change in decisions):
         parts = parts_of(result)
         untraced = f"; could not trace {', '.join(u.path for u in parts.untraced)}" if parts and parts.untraced else ""
@@ -257,7 +261,30 @@ def _trace_each_mode(root: nn.Module, leaf_modules: tuple, concrete_args: dict |
             module.training = training
     if traces[True].graph.python_code("self").src == traces[False].graph.python_code("self").src:
         traces[not current] = traces[current]
+    name_sites(traced.graph for traced in traces.values())
     return traces
+
+
+def _warn_about_options_that_match_nothing(
+    model: nn.Module, options: BlurOptions, leaf_modules: tuple, concrete_args: dict | None, decisions: list[Change]
+) -> None:
+    """A ``UserWarning`` for each ``exclude`` pattern, leaf module or concrete argument that had no effect."""
+    unmatched = [p for p in options.exclude if not any(fnmatch.fnmatchcase(c.target, p) for c in decisions)]
+    paths = dict(model.named_modules())
+    problems = [f"exclude pattern {pattern!r} matches no strided conv or pool" for pattern in unmatched]
+    for leaf in leaf_modules:
+        if isinstance(leaf, str) and leaf not in paths:
+            close = difflib.get_close_matches(leaf, paths, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            problems.append(f"leaf_modules path {leaf!r} names no module{hint}")
+        elif isinstance(leaf, type) and not any(isinstance(m, leaf) for m in paths.values()):
+            problems.append(f"leaf_modules class {leaf.__name__} has no instance in the model")
+    parameters = inspect.signature(type(model).forward).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        unknown = [name for name in concrete_args or {} if name not in parameters]
+        problems += [f"concrete_args names {name!r}, which forward does not take" for name in unknown]
+    for problem in problems:
+        warnings.warn(f"{problem}; it has no effect", UserWarning, stacklevel=3)
 
 
 def _check_not_wrapped(model: nn.Module) -> None:

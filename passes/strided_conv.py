@@ -38,8 +38,11 @@ class BlurStridedConvs(WindowOpPass):
 
     def skip_reason(self, op: WindowOp, gm: fx.GraphModule) -> str:
         reason = super().skip_reason(op, gm)
-        if not reason and op.in_channels is not None and op.in_channels < self.options.min_channels:
-            reason = f"in_channels {op.in_channels} < min_channels {self.options.min_channels}"
+        minimum = self.options.min_channels
+        if not reason and op.in_channels is not None and op.in_channels < minimum:
+            reason = f"in_channels {op.in_channels} < min_channels {minimum}"
+        elif not reason and op.in_channels is None and op.module is not None and minimum:
+            reason = f"in_channels not known before the lazy conv's first call (min_channels {minimum}): run one first"
         return reason
 
     def placement(self, op: WindowOp) -> str:

@@ -88,6 +88,8 @@ def test_concrete_args_fix_a_flag_argument():
         ({"copy": 1}, "copy must be True or False"),
         ({"verbose": "no"}, "verbose"),
         ({"leaf_modules": [int]}, "leaf_modules"),
+        ({"leaf_modules": 5}, "leaf_modules must be nn.Module classes or module paths"),
+        ({"flatten": "yes"}, "flatten must be True or False"),
         ({"concrete_args": ["x"]}, "concrete_args must be a dict"),
     ],
 )
@@ -129,3 +131,37 @@ def test_a_module_attribute_named_fxblur_is_reported_where_fxblur_needs_the_name
     model.fxblur = nn.Identity()  # never needed: the conv carries its own blur
     gm = fxblur.transform(model, verbose=False)
     assert gm(torch.randn(1, 16, 9, 9)).shape == (1, 16, 4, 4)
+
+
+@pytest.mark.parametrize(
+    ("wrap", "inner"),
+    [
+        (torch.compile, "model._orig_mod"),
+        (nn.DataParallel, "model.module"),
+        (torch.jit.script, "the model before scripting"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_compiled_scripted_and_parallel_wrappers_get_a_clear_error_and_stay_as_they_were(wrap, inner):
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2))
+    wrapped = wrap(model)
+    keys = list(wrapped.state_dict())
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=rf"Pass {inner}.*fxblur.transform\(model\) first, then wrap"):
+        fxblur.transform(wrapped, verbose=False)
+    assert list(wrapped.state_dict()) == keys
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_options_that_match_nothing_are_named_in_a_warning():
+    model = GatedNet()
+    with pytest.warns(UserWarning) as caught:
+        fxblur.transform(model, leaf_modules=["gate", "gaet", nn.LSTM], exclude=["conv", "layer9.*"],
+                         concrete_args={"flag": True}, verbose=False)  # fmt: skip
+    messages = [str(w.message) for w in caught if type(w.message) is UserWarning]
+    assert messages == [
+        "exclude pattern 'layer9.*' matches no strided conv or pool; it has no effect",
+        "leaf_modules path 'gaet' names no module (did you mean gate?); it has no effect",
+        "leaf_modules class LSTM has no instance in the model; it has no effect",
+        "concrete_args names 'flag', which forward does not take; it has no effect",
+    ]

@@ -124,6 +124,7 @@ def test_untraceable_model_exits_1_with_a_message_not_a_traceback(tmp_path):
         (["resnet50", "--blur-lst"], "unrecognized arguments: --blur-lst (did you mean --blur-last"),
         (["resnet50", "--filter-size", "9"], "filter_size must be an int from 1 to 7"),
         (["resnet50", "--input-size", "1", "2", "3"], "--input-size takes one or two"),
+        (["vgg11", "--input-size", "1"], "vgg11 cannot run on a 1x3x1x1 input"),
         (["resnet50", "--format", "nope"], "invalid choice: 'nope'"),
         (["nosuchpackage.nets:model"], "cannot import 'nosuchpackage.nets'"),
         ([], "required: model"),

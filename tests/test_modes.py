@@ -6,7 +6,9 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
+from torch import nn
 
 import fxblur
 from fxblur.rewrite.graph_module import TrainEvalGraphModule
@@ -111,3 +113,25 @@ def test_report_measures_the_mode_the_model_is_in():
     assert "not run in this mode" in str(fxblur.report(gm, shape))
     gm.train()
     assert {row.target: row.output_size for row in fxblur.report(gm, shape).rows} == {"conv": (5, 5), "aux": (2, 2)}
+
+
+class TrainOnlyPool(nn.Module):
+    """A functional pool in train mode only, before one in both modes."""
+
+    def forward(self, x):
+        if self.training:
+            x = F.max_pool2d(x, 2, 1)
+        return F.max_pool2d(x, 2)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_functional_calls_have_the_same_name_in_both_modes(train):
+    gm = fxblur.transform(TrainOnlyPool().train(train), verbose=False)
+    assert [c.target for c in fxblur.changes(gm)] == ["max_pool2d_1"]  # the strided one, once, named by its line
+    with pytest.warns(fxblur.NoEffectWarning):
+        excluded = fxblur.transform(TrainOnlyPool().train(train), exclude="max_pool2d_1", verbose=False)
+    x = torch.randn(1, 2, 8, 8)
+    for mode in (False, True):
+        excluded.train(mode)
+        expected = TrainOnlyPool().train(mode)(x)
+        torch.testing.assert_close(excluded(x), expected)  # excluded in both modes, nothing else to blur

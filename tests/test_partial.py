@@ -178,3 +178,94 @@ def test_a_model_with_nothing_traceable_warns_and_names_what_failed():
     parts = fxblur.report(out).parts
     assert parts.rewritten == () and [(u.path, u.module) for u in parts.untraced] == [("sign", "Sign")]
     assert "if x.sum() > 0" in parts.untraced[0].reason
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        return self.pool(self.conv(x))
+
+
+class CallsLayersDirectly(nn.Module):
+    """Untraceable, and calls its encoder's layers itself: the encoder's own forward never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = Encoder()
+
+    def forward(self, x):
+        y = self.enc.pool(self.enc.conv(x))
+        return y if y.sum() > 0 else -y
+
+
+class ResNetAsLayers(nn.Module):
+    """Untraceable, and runs a ResNet's stem and first two stages itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = torchvision.models.resnet18()
+
+    def forward(self, x):
+        y = self.b.maxpool(self.b.relu(self.b.bn1(self.b.conv1(x))))
+        y = self.b.layer2(self.b.layer1(y))
+        return y if y.sum() > 0 else -y
+
+
+def claimed_and_ran(model: nn.Module, x: torch.Tensor) -> tuple[set[str], set[str]]:
+    """The blurs the report claims, and the blurs a forward pass runs."""
+    claimed = {change.blur for change in fxblur.changes(model) if change.action != "skipped"}
+    ran: set[str] = set()
+    blurs = [(path, module) for path, module in model.named_modules() if isinstance(module, fxblur.Blur)]
+    handles = [module.register_forward_hook(lambda *args, path=path: ran.add(path)) for path, module in blurs]
+    model(x)
+    for handle in handles:
+        handle.remove()
+    return claimed, ran
+
+
+@pytest.mark.parametrize("blur_first", [True, False])
+def test_a_part_whose_parent_calls_its_layers_is_not_replaced_but_its_layers_are(blur_first):
+    model = CallsLayersDirectly().eval()
+    out = fxblur.transform(model, strict=False, blur_first=blur_first, verbose=False)
+    x = torch.randn(1, 16, 8, 8)
+    assert out(x).shape == model(x).shape == (1, 16, 4, 4)  # the pool's blur subsamples where the parent calls it
+    claimed, ran = claimed_and_ran(out, x)
+    assert claimed == ran == {"enc.pool.fxblur"}
+    assert not torch.allclose(out(x), model(x))
+    untraced = {u.path: u.reason for u in fxblur.report(out).parts.untraced}
+    assert "reaches into enc" in untraced["enc.conv"]  # no strided op there: left as it was
+
+
+def test_a_resnet_used_as_a_bag_of_layers_is_rewritten_layer_by_layer():
+    model = ResNetAsLayers().eval()
+    out = fxblur.transform(model, strict=False, verbose=False)
+    x = torch.randn(1, 3, 32, 32)
+    assert out(x).shape == model(x).shape == (1, 128, 4, 4)
+    claimed, ran = claimed_and_ran(out, x)
+    assert claimed == ran == {"b.maxpool.fxblur", "b.layer2.0.conv1.fxblur", "b.layer2.0.downsample.0.fxblur"}
+    parts = fxblur.report(out).parts
+    assert parts.rewritten == ("b.maxpool", "b.layer2")
+    assert {u.path for u in parts.untraced} >= {"b.layer3", "b.layer4"}  # never called: nothing claimed there
+
+
+class HandsItsBlockOn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2))
+        self.head = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2))
+
+    def forward(self, x):
+        y = torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+        return self.head(y if y.sum() > 0 else -y)
+
+
+def test_a_module_handed_to_other_code_is_left_whole_with_the_reason():
+    out = fxblur.transform(HandsItsBlockOn(), strict=False, verbose=False)
+    assert {c.target for c in fxblur.changes(out) if c.action != "skipped"} == {"head.0"}
+    untraced = {u.path: u.reason for u in fxblur.report(out).parts.untraced}
+    assert untraced["block"] == "HandsItsBlockOn.forward uses self.block other than by calling it"
+    assert type(out.block[0]) is nn.Conv2d

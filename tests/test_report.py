@@ -96,7 +96,7 @@ def test_nothing_to_blur_is_explained():
     assert "0 blurred, 1 skipped - nothing blurred (in_channels 3 < min_channels 16)" in summary
     with pytest.warns(fxblur.NoEffectWarning):
         empty = fxblur.report(fxblur.transform(torch.nn.Sequential(torch.nn.Linear(2, 2)), verbose=False))
-    assert str(empty) == "Sequential: no conv or max pool with a stride above 1, nothing to blur"
+    assert str(empty) == "Sequential: no strided conv or pool of the kinds the options blur, nothing to blur"
 
 
 def test_report_leaves_the_model_usable():

@@ -10,11 +10,13 @@ another through ``redirect``, which keeps the calls' records of what they receiv
 returned up to date; ``fxblur.rewrite.nesting`` then puts every piece back into the module
 where it lives.
 
-Every conv, pool and functional call also gets a *site* name (``node.meta[SITE]``) that
-does not depend on the rest of the graph: a module call is named by its module's path, a
+Every module and function call also gets a *site* name (``name_sites``), the same in the
+train and eval graphs of a model: a module call is named by its module's path, a
 functional call by the path of the module whose ``forward`` made it and the function's
-name (``"Mixed_6a.max_pool2d"``, ``"Mixed_6a.max_pool2d_1"`` for the second one there).
-The train and eval graphs of a model name the same call alike.
+name (``"Mixed_6a.max_pool2d"``). Where that forward calls the function on several lines,
+they are numbered in source order (``"max_pool2d"``, ``"max_pool2d_1"``), over both
+graphs, so that a call made in one mode only does not renumber the others; a line run
+several times (a loop) numbers its calls ``"@1"``, ``"@2"``.
 
 Example:
     >>> from fxblur.rewrite.tracer import trace
@@ -24,6 +26,7 @@ Example:
     [('0', ['placeholder'])]
     >>> [(node.name, call_of(node).path) for node in traced.graph.nodes]
     [('input_1', ''), ('_0_0', '0'), ('_0_1', '0'), ('_1', ''), ('output', '')]
+    >>> name_sites([traced.graph])
     >>> [node.meta.get(SITE) for node in traced.graph.nodes]
     [None, '0.0', '0.1', '1', None]
 """
@@ -31,8 +34,8 @@ Example:
 from __future__ import annotations
 
 import re
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +44,7 @@ from torch import nn
 
 CALL = "fxblur.call"
 SITE = "fxblur.site"
+LINE = "fxblur.line"
 
 
 @dataclass(eq=False)
@@ -63,7 +67,6 @@ class Call:
     kwargs: dict[str, Any] = field(default_factory=dict)
     output: Any = None
     children: list[Call] = field(default_factory=list)
-    _sites: Counter = field(default_factory=Counter, repr=False)
 
     def lineage(self) -> Iterator[Call]:
         """This call, its parent, and so on up to the root."""
@@ -78,20 +81,37 @@ class Call:
         for child in self.children:
             yield from child.walk()
 
-    def name_site(self, node: fx.Node) -> None:
-        """Give a module or function call made in this call its site name (see the module docstring)."""
-        if node.op == "call_module":
-            base = node.target
-        elif node.op == "call_function":
-            base = f"{self.path}.{_base_name(node)}" if self.path else _base_name(node)
-        else:
-            return
-        count = self._sites[base]
-        self._sites[base] += 1
-        node.meta[SITE] = base if not count else f"{base}@{count}" if node.op == "call_module" else f"{base}_{count}"
-
     def __repr__(self) -> str:
         return f"Call({self.path or '(root)'}: {type(self.module).__name__})"
+
+
+def name_sites(graphs: Iterable[fx.Graph]) -> None:
+    """Name every module and function call of ``graphs``, the graphs of one model (see the module docstring).
+
+    A function call's source line is ``node.meta[LINE]``, recorded by the tracer.
+    """
+    graphs = list(dict.fromkeys(graphs))
+    lines: dict[tuple[str, str], set] = defaultdict(set)
+    for graph in graphs:
+        for node in graph.nodes:
+            if node.op == "call_function" and CALL in node.meta:
+                lines[(node.meta[CALL].path, _base_name(node))].add(node.meta.get(LINE))
+    rank = {key: {line: i for i, line in enumerate(sorted(found, key=str))} for key, found in lines.items()}
+    for graph in graphs:
+        seen: Counter = Counter()
+        for node in graph.nodes:
+            call = node.meta.get(CALL)
+            if call is None or node.op not in ("call_module", "call_function"):
+                continue
+            if node.op == "call_module":
+                name, key = node.target, (id(call), node.target)
+            else:
+                base, line = _base_name(node), node.meta.get(LINE)
+                index = rank[(call.path, base)][line]
+                name = (f"{call.path}.{base}" if call.path else base) + (f"_{index}" if index else "")
+                key = (id(call), base, line)
+            node.meta[SITE] = f"{name}@{seen[key]}" if seen[key] else name
+            seen[key] += 1
 
 
 def _base_name(node: fx.Node) -> str:
@@ -156,3 +176,4 @@ def forget_calls(graph: fx.Graph) -> None:
     """Drop the call records from ``graph``'s nodes: a finished graph holds no tracer state."""
     for node in graph.nodes:
         node.meta.pop(CALL, None)
+        node.meta.pop(LINE, None)

@@ -5,6 +5,11 @@ buffers. The copy can be re-wired, switched between train and eval, and given ne
 submodules without the original noticing, while an optimizer built on the original's
 parameters keeps training the copy (Composer's reason for its ``optimizers=`` argument).
 
+Hooks a module registered with its own methods (lazy modules infer their parameters that
+way) act on the copy, and the handles it keeps to them point at the copy's tables. The
+not yet materialised parameters of a lazy module (``nn.LazyLinear``) cannot be shared:
+the copy gets its own, so that its first forward pass leaves the original lazy.
+
 Example:
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
     >>> twin = share_tensors(model)
@@ -12,14 +17,24 @@ Example:
     (False, True)
     >>> _ = twin.eval(); model[1].training
     True
+    >>> lazy = torch.nn.LazyLinear(2)
+    >>> _ = share_tensors(lazy)(torch.ones(1, 3)); lazy.has_uninitialized_params()
+    True
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+import types
+import weakref
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
+from torch.nn.modules.module import _WrappedHook
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+from torch.utils.hooks import RemovableHandle
 
 
 def share_tensors(module: nn.Module) -> nn.Module:
@@ -35,11 +50,14 @@ def _clone(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
     clone = type(module).__new__(type(module)) if graph_module else object.__new__(type(module))
     memo[id(module)] = clone
     # Containers (parameter, buffer and hook tables) are copied one level deep, so that
-    # registering or replacing on the clone leaves the original's tables as they are.
-    clone.__dict__ = {
-        name: value.copy() if isinstance(value, (dict, set)) else value for name, value in module.__dict__.items()
+    # registering or replacing on the clone leaves the original's tables as they are. The
+    # state is set directly: a wrapper's own __setattr__ may forward to what it wraps.
+    state = {name: value.copy() if isinstance(value, (dict, set)) else value for name, value in module.__dict__.items()}
+    object.__setattr__(clone, "__dict__", state)
+    state["_modules"] = {
+        name: None if child is None else _clone(child, memo) for name, child in module._modules.items()
     }
-    clone._modules = {name: None if child is None else _clone(child, memo) for name, child in module._modules.items()}
+    _own_hooks_and_lazy_tensors(module, clone)
     if graph_module:
         # Graphs know the module that owns them and are edited in place: copy them too.
         graphs = {id(g): copy.deepcopy(g) for g in module.__dict__.values() if isinstance(g, fx.Graph)}
@@ -48,3 +66,50 @@ def _clone(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
                 clone.__dict__[name] = graphs[id(value)]
         clone.graph = clone._graph  # takes ownership and compiles the clone's own forward
     return clone
+
+
+def _own_hooks_and_lazy_tensors(module: nn.Module, clone: nn.Module) -> None:
+    """Rebind ``module``'s hooks on itself to ``clone``, and give ``clone`` its own unmaterialised tensors."""
+    tables = {id(module.__dict__[name]): value for name, value in clone.__dict__.items() if name.endswith("hooks")}
+    for name, value in clone.__dict__.items():
+        if name.endswith("hooks"):
+            for key, hook in value.items():
+                value[key] = _rebound(hook, module, clone)
+        elif isinstance(value, RemovableHandle):
+            clone.__dict__[name] = _retargeted(value, tables)
+    for table, fresh in (("_parameters", _fresh_parameter), ("_buffers", _fresh_buffer)):
+        for name, tensor in clone.__dict__[table].items():
+            if isinstance(tensor, (UninitializedParameter, UninitializedBuffer)):
+                clone.__dict__[table][name] = fresh(tensor)
+
+
+def _rebound(hook: Any, module: nn.Module, clone: nn.Module) -> Any:
+    if inspect.ismethod(hook) and hook.__self__ is module:
+        return types.MethodType(hook.__func__, clone)
+    if isinstance(hook, _WrappedHook):
+        wrapped = copy.copy(hook)
+        wrapped.hook = _rebound(hook.hook, module, clone)
+        if getattr(hook, "with_module", False) and hook.module() is module:
+            wrapped.module = weakref.ref(clone)
+        return wrapped
+    return hook
+
+
+def _retargeted(handle: RemovableHandle, tables: dict[int, dict]) -> RemovableHandle:
+    """``handle`` for the copies of the hook tables it refers to, where it refers to ``module``'s."""
+    state = handle.__getstate__()
+    table, hook_id, extra = state[0], state[1], state[2] if len(state) > 2 else ()
+    copies = [tables.get(id(table)), *(tables.get(id(each)) for each in extra or ())]
+    if copies[0] is None:
+        return handle
+    retargeted = RemovableHandle.__new__(RemovableHandle)
+    retargeted.__setstate__((copies[0], hook_id, tuple(c for c in copies[1:] if c is not None)))
+    return retargeted
+
+
+def _fresh_parameter(tensor: UninitializedParameter) -> UninitializedParameter:
+    return UninitializedParameter(requires_grad=tensor.requires_grad, device=tensor.device, dtype=tensor.dtype)
+
+
+def _fresh_buffer(tensor: UninitializedBuffer) -> UninitializedBuffer:
+    return UninitializedBuffer(requires_grad=tensor.requires_grad, device=tensor.device, dtype=tensor.dtype)

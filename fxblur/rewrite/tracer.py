@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import linecache
 import os
+import sys
 import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from torch import nn
 from torch.fx.proxy import TraceError
 
 from fxblur.ops.blur_module import Blur
-from fxblur.rewrite.calls import CALL, Call, as_nodes
+from fxblur.rewrite.calls import CALL, LINE, Call, as_nodes
 
 ALWAYS_LEAVES = (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, Blur)
 
@@ -81,7 +82,8 @@ class BlurTracer(fx.Tracer):
     def create_node(self, kind: str, target: Any, args: tuple, kwargs: dict, name: Any = None, type_expr: Any = None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         node.meta[CALL] = self._current
-        self._current.name_site(node)
+        if kind == "call_function":
+            node.meta[LINE] = _calling_line()
         return node
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -145,6 +147,14 @@ def trace(
                 if not isinstance(module.__dict__[name], torch.Tensor):
                     del module.__dict__[name]
             module.__dict__.update(attributes)
+
+
+def _calling_line() -> tuple[str, int] | None:
+    """``(file, line)`` of the innermost frame outside torch and fxblur: the model code that made a call."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith((_TORCH_DIR, _FXBLUR_DIR)):
+        frame = frame.f_back
+    return None if frame is None else (frame.f_code.co_filename, frame.f_lineno)
 
 
 def _explain(root: nn.Module, failed_module: tuple[str, type] | None, error: Exception) -> str:

@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from fxblur.rewrite.calls import SITE
 
@@ -110,7 +111,7 @@ class WindowOp:
     dilation: tuple[int, ...]
     ceil_mode: bool = False
     return_indices: bool = False
-    in_channels: int | None = None
+    in_channels: int | None = None  # unknown for a functional call on a computed weight, or a lazy conv
     out_channels: int | None = None
     module: nn.Module | None = None
     custom_forward: bool = False
@@ -165,13 +166,14 @@ def _read_module_call(node: fx.Node, module: nn.Module) -> WindowOp | None:
     }
     if kind == "conv":
         padding = module.padding
+        lazy = isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()
         return WindowOp(
             node,
             kind,
             dims,
             node.target,
             padding=padding if isinstance(padding, str) else _per_axis(padding, dims),
-            in_channels=module.in_channels,
+            in_channels=None if lazy else module.in_channels,  # a lazy conv learns it on its first call
             out_channels=module.out_channels,
             custom_forward=custom_forward or type(module)._conv_forward is not base._conv_forward,
             **common,
