@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import warnings
-
 import operator
+import warnings
 
 import pytest
 import torch
@@ -201,6 +200,6 @@ def test_a_conv_a_leaf_module_also_calls_is_blurred_without_changing_the_leaf(op
     if options:
         assert change.note.endswith("but its module is also called from outside the graph")
     x = torch.randn(1, 16, 9, 9)
-    (blurred, doubled), (plain, expected) = gm(x), model(x)
+    (blurred, doubled), (_, expected) = gm(x), model(x)
     torch.testing.assert_close(doubled, expected, rtol=0, atol=0)  # the leaf computes exactly as before
     torch.testing.assert_close(blurred, gm.conv(fxblur.blur(x, 1, 3)))
