@@ -1,0 +1,211 @@
+"""Adaptive polyphase sampling (APS): per sample, keep the subsampling grid with the largest norm.
+
+Subsampling by a stride ``s`` keeps one of ``s`` polyphase components along each axis; a
+fixed stride always keeps the one that starts at 0. Here components are circular: component
+``p`` (one offset per spatial axis, ``0 <= p_i < s_i``) is ``roll(x, -p)[..., ::s_0, ::s_1]``.
+It has ``ceil(size / s)`` samples along each axis, odd sizes included: where ``s`` does not
+divide the size, the last sample wraps around to the start.
+
+APS (Chaman & Dokmanić, CVPR 2021) keeps, per sample, the component with the largest norm.
+Where the stride divides the size, a circular shift by ``t`` turns component ``p`` into
+component ``(p + t) % s``, itself rolled by ``(p + t) // s``: the shift only permutes the
+components and rolls them, so their norms move with them, the largest one is still picked,
+and the output is the unshifted output, rolled. A network that subsamples this way at every
+stride, pads circularly and pools globally at the end is exactly invariant to circular shifts.
+
+The ops are split so that a graph rewrite can place them on either side of a strided op:
+
+- ``phase_of`` chooses the component: int64 offsets of shape (N, number of spatial axes).
+- ``roll_to_phase`` rolls each sample by ``-phase``, so that a strided op that follows (a conv
+  or pool with circular padding) reads component ``phase`` of its stride-1 output: the phase
+  chosen on the op's input, at the cost of the original op plus one norm and one roll.
+- ``select_phase`` takes component ``phase`` itself, after a stride-1 op: the published form.
+
+``phase_of`` reshapes the input so that each component is an axis of its own and reduces
+every other axis in one pass (sizes that the stride does not divide are first wrapped around
+to a multiple of it). ``roll_to_phase`` and ``select_phase`` are one gather each: per sample,
+the flat spatial index every output sample reads, computed from the offsets with integer
+arithmetic and expanded over the channels as a view; a channels-last input instead takes
+whole rows of channels with one ``index_select`` and stays channels-last. All three are
+plain differentiable PyTorch ops, so autograd (of any order), forward-mode AD, ``vmap``,
+``torch.compile``, ``torch.export`` and TorchScript go through them.
+
+The norms are ``"l2"`` (the paper's; compared as norms, the square root of the sum of
+squares), ``"l1"`` and ``"linf"``, over channels and space, accumulated in float32 for
+half-precision inputs. Ties go to the first component in row-major order of the offsets.
+
+Example:
+    >>> x = torch.zeros(1, 1, 4, 4)
+    >>> x[0, 0, 1, 2] = 5.0
+    >>> phase = phase_of(x, [2, 2])
+    >>> phase
+    tensor([[1, 0]])
+    >>> select_phase(x, phase, [2, 2])
+    tensor([[[[0., 5.],
+              [0., 0.]]]])
+    >>> torch.equal(roll_to_phase(x, phase)[..., ::2, ::2], select_phase(x, phase, [2, 2]))
+    True
+
+    Shifted by one pixel down and right, the input yields the same component, rolled:
+
+    >>> shifted = torch.roll(x, (1, 1), (2, 3))
+    >>> phase_of(shifted, [2, 2])
+    tensor([[0, 1]])
+    >>> select_phase(shifted, phase_of(shifted, [2, 2]), [2, 2])
+    tensor([[[[0., 0.],
+              [0., 5.]]]])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch import Tensor
+
+NORMS = ("l2", "l1", "linf")
+
+
+def phase_of(x: Tensor, stride: list[int], norm: str = "l2") -> Tensor:
+    """Per sample, the offsets of the component with the largest norm: int64 (N, len(stride)).
+
+    ``stride`` applies to the last ``len(stride)`` axes of ``x`` (N, C, *spatial), 1 to 3 of
+    them; axes with stride 1 get offset 0. ``norm`` is ``"l2"``, ``"l1"`` or ``"linf"``, over
+    channels and space. Ties go to the first component in row-major order of the offsets.
+
+    Example:
+        >>> x = torch.tensor([[[1.0, 0.0, 3.0, 0.0, 0.0]], [[0.0, 0.0, 0.0, 2.0, 0.0]]])
+        >>> phase_of(x, [2])  # 5 samples: components [x0, x2, x4] and [x1, x3, x0]
+        tensor([[0],
+                [1]])
+    """
+    order = _order(norm)
+    _check_stride(x, stride)
+    components = _components_as_axes(x, stride)
+    spatial = len(stride)
+    reduced = [1] + [2 + 2 * i for i in range(spatial)]  # channels and the blocks of every axis
+    accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
+    norms = torch.linalg.vector_norm(components, order, dim=reduced, dtype=accumulate)
+    first_largest = norms.flatten(1).argmax(1)  # argmax returns the first of equal maxima
+    offsets: list[Tensor] = []
+    later = 1
+    for i in range(spatial - 1, -1, -1):  # unravel the row-major index, last axis first
+        offsets.insert(0, first_largest // later % stride[i])
+        later = later * stride[i]
+    return torch.stack(offsets, 1)
+
+
+torch.fx.wrap("phase_of")  # re-tracing a rewritten graph keeps it one call
+
+
+def roll_to_phase(x: Tensor, phase: Tensor) -> Tensor:
+    """Each sample rolled by ``-phase`` along the last ``phase.shape[1]`` axes; same shape as ``x``.
+
+    ``out[n, c, i, j] = x[n, c, (i + p0) % H, (j + p1) % W]`` with ``(p0, p1) = phase[n]``: a
+    strided op applied to it reads component ``phase`` (any integer offsets work).
+
+    Example:
+        >>> roll_to_phase(torch.arange(8.0).view(2, 1, 4), torch.tensor([[1], [-1]]))
+        tensor([[[1., 2., 3., 0.]],
+        <BLANKLINE>
+                [[7., 4., 5., 6.]]])
+    """
+    _check_phase(x, phase)
+    return _read_grid(x, phase, [1] * phase.shape[1])
+
+
+torch.fx.wrap("roll_to_phase")
+
+
+def select_phase(x: Tensor, phase: Tensor, stride: list[int]) -> Tensor:
+    """Component ``phase`` of each sample: ``roll_to_phase(x, phase)[..., ::s0, ::s1]``, computed directly.
+
+    ``ceil(size / s)`` samples per axis; the roll is never materialised.
+
+    Example:
+        >>> select_phase(torch.arange(5.0).view(1, 1, 5), torch.tensor([[1]]), [2])
+        tensor([[[1., 3., 0.]]])
+    """
+    _check_phase(x, phase)
+    _check_stride(x, stride)  # with _check_phase: one stride per offset
+    return _read_grid(x, phase, stride)
+
+
+torch.fx.wrap("select_phase")
+
+
+def _order(norm: str) -> float:
+    """The ``ord`` of ``torch.linalg.vector_norm`` that computes ``norm``."""
+    if norm == "l2":
+        return 2.0
+    if norm == "l1":
+        return 1.0
+    if norm == "linf":
+        return float("inf")
+    raise ValueError(f"unknown norm '{norm}'; expected one of 'l2', 'l1', 'linf'")
+
+
+def _check_stride(x: Tensor, stride: list[int]) -> None:
+    if len(stride) not in (1, 2, 3) or x.dim() != len(stride) + 2:
+        raise ValueError(
+            f"expected (N, C, *spatial) input with one stride per spatial axis (1 to 3 of them), "
+            f"got a {x.dim()}-d input and {len(stride)} strides"
+        )
+    for s in stride:
+        if s < 1:
+            raise ValueError(f"strides must be at least 1, got {stride}")
+
+
+def _check_phase(x: Tensor, phase: Tensor) -> None:
+    if (
+        phase.dim() != 2
+        or phase.shape[1] not in (1, 2, 3)
+        or phase.shape[0] != x.shape[0]
+        or x.dim() != phase.shape[1] + 2
+    ):
+        raise ValueError(
+            f"expected phase of shape (N, spatial axes) for (N, C, *spatial) input, with 1 to 3 spatial axes; "
+            f"got phase of shape {list(phase.shape)} for input of shape {list(x.shape)}"
+        )
+    if phase.is_floating_point() or phase.is_complex() or phase.dtype == torch.bool:
+        raise ValueError(f"phase must hold integer offsets, got {phase.dtype}")
+
+
+def _components_as_axes(x: Tensor, stride: list[int]) -> Tensor:
+    """``x`` with every spatial axis wrapped to a multiple of its stride and split into (blocks, stride).
+
+    Along a split axis, index ``p`` of the stride axis is component ``p``. Wrapping copies ``x``,
+    so only the axes that need it are wrapped.
+    """
+    first = x.dim() - len(stride)
+    shape = [x.shape[0], x.shape[1]]
+    for i, s in enumerate(stride):
+        size = x.shape[first + i]
+        blocks = (size + s - 1) // s
+        if blocks * s != size:
+            x = x.index_select(first + i, torch.arange(blocks * s, device=x.device) % size)
+        shape += [blocks, s]
+    return x.reshape(shape)  # a view: it only splits axes
+
+
+def _read_grid(x: Tensor, phase: Tensor, stride: list[int]) -> Tensor:
+    """``out[n, c, k, l] = x[n, c, (p0 + k * s0) % H, (p1 + l * s1) % W]``, one gather."""
+    sizes = x.shape[2:]
+    grid = [(sizes[i] + stride[i] - 1) // stride[i] for i in range(len(stride))]
+    index = _flat_index(phase, sizes, stride)  # (N, prod(grid))
+    n, c = x.shape[0], x.shape[1]
+    if not x.is_contiguous() and x.movedim(1, -1).is_contiguous():  # channels-last: copy rows of channels
+        rows = x.movedim(1, -1).flatten(1, -2)  # (N, H * W, C), a view
+        first_row = torch.arange(n, device=x.device).unsqueeze(1) * rows.shape[1]
+        out = rows.flatten(0, 1).index_select(0, (index + first_row).flatten())
+        return out.view(n, index.shape[1], c).unflatten(1, grid).movedim(-1, 1)
+    flat = x.flatten(2)  # (N, C, H * W)
+    return flat.gather(2, index.unsqueeze(1).expand(n, c, index.shape[1])).unflatten(2, grid)
+
+
+def _flat_index(phase: Tensor, sizes: list[int], stride: list[int]) -> Tensor:
+    """Per sample, the row-major flat index into the spatial axes that every grid point reads: (N, prod(grid))."""
+    index = torch.zeros_like(phase[:, :1], dtype=torch.int64)
+    for i in range(len(stride)):
+        along = (torch.arange(0, sizes[i], stride[i], device=phase.device) + phase[:, i : i + 1]) % sizes[i]
+        index = (index.unsqueeze(2) * sizes[i] + along.unsqueeze(1)).flatten(1)
+    return index
