@@ -21,18 +21,23 @@ The ops are split so that a graph rewrite can place them on either side of a str
   chosen on the op's input, at the cost of the original op plus one norm and one roll.
 - ``select_phase`` takes component ``phase`` itself, after a stride-1 op: the published form.
 
-``phase_of`` reshapes the input so that each component is an axis of its own and reduces
-every other axis in one pass (sizes that the stride does not divide are first wrapped around
-to a multiple of it). ``roll_to_phase`` and ``select_phase`` are one gather each: per sample,
-the flat spatial index every output sample reads, computed from the offsets with integer
-arithmetic and expanded over the channels as a view; a channels-last input instead takes
-whole rows of channels with one ``index_select`` and stays channels-last. All three are
-plain differentiable PyTorch ops, so autograd (of any order), forward-mode AD, ``vmap``,
-``torch.compile``, ``torch.export`` and TorchScript go through them.
+``phase_of`` works in two stages. It first reduces the channels, in one pass over the input,
+to what every position adds to the norm (its square, absolute value or largest absolute
+value), then reshapes that map, C times smaller, so that each component is an axis of its
+own, and reduces the rest. Sizes that the stride does not divide are wrapped around to a
+multiple of it on the small map, so odd sizes cost no copy of the input.
 
-The norms are ``"l2"`` (the paper's; compared as norms, the square root of the sum of
-squares), ``"l1"`` and ``"linf"``, over channels and space, accumulated in float32 for
-half-precision inputs. Ties go to the first component in row-major order of the offsets.
+``roll_to_phase`` and ``select_phase`` are one gather each: per sample, the flat spatial
+index that every output sample reads, computed from the offsets with integer arithmetic and
+expanded over the channels as a view; a channels-last input instead takes whole rows of
+channels and stays channels-last. All three are plain differentiable PyTorch ops, so
+autograd (of any order), forward-mode AD, ``vmap``, ``torch.compile``, ``torch.export`` and
+TorchScript go through them.
+
+The norms are ``"l2"`` (the paper's; compared as sums of squares), ``"l1"`` and ``"linf"``,
+over channels and space, accumulated in float32 for half-precision inputs. Ties go to the
+first component in row-major order of the offsets; the sums are exact where every partial sum
+is (integer-valued inputs of moderate size), so ties there are exact too.
 
 Example:
     >>> x = torch.zeros(1, 1, 4, 4)
@@ -78,13 +83,11 @@ def phase_of(x: Tensor, stride: list[int], norm: str = "l2") -> Tensor:
         tensor([[0],
                 [1]])
     """
-    order = _order(norm)
     _check_stride(x, stride)
-    components = _components_as_axes(x, stride)
+    components = _components_as_axes(_contributions(x.detach(), norm), stride)
     spatial = len(stride)
-    reduced = [1] + [2 + 2 * i for i in range(spatial)]  # channels and the blocks of every axis
-    accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
-    norms = torch.linalg.vector_norm(components, order, dim=reduced, dtype=accumulate)
+    blocks = [1 + 2 * i for i in range(spatial)]
+    norms = components.amax(blocks) if norm == "linf" else components.sum(blocks)  # (N, *stride)
     first_largest = norms.flatten(1).argmax(1)  # argmax returns the first of equal maxima
     offsets: list[Tensor] = []
     later = 1
@@ -133,14 +136,20 @@ def select_phase(x: Tensor, phase: Tensor, stride: list[int]) -> Tensor:
 torch.fx.wrap("select_phase")
 
 
-def _order(norm: str) -> float:
-    """The ``ord`` of ``torch.linalg.vector_norm`` that computes ``norm``."""
+def _contributions(x: Tensor, norm: str) -> Tensor:
+    """What each position adds to the ``norm`` of its component, over all channels: (N, *spatial).
+
+    Sums of squares (``"l2"``), of absolute values (``"l1"``), or the largest absolute value
+    (``"linf"``); float32 for half-precision inputs.
+    """
+    if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
+        x = x.float()
     if norm == "l2":
-        return 2.0
+        return torch.linalg.vecdot(x, x, dim=1)
     if norm == "l1":
-        return 1.0
+        return x.abs().sum(1)
     if norm == "linf":
-        return float("inf")
+        return torch.maximum(x.amax(1), x.amin(1).neg())
     raise ValueError(f"unknown norm '{norm}'; expected one of 'l2', 'l1', 'linf'")
 
 
@@ -171,18 +180,17 @@ def _check_phase(x: Tensor, phase: Tensor) -> None:
 
 
 def _components_as_axes(x: Tensor, stride: list[int]) -> Tensor:
-    """``x`` with every spatial axis wrapped to a multiple of its stride and split into (blocks, stride).
+    """``x`` (N, *spatial) with every axis wrapped to a multiple of its stride and split into (blocks, stride).
 
     Along a split axis, index ``p`` of the stride axis is component ``p``. Wrapping copies ``x``,
     so only the axes that need it are wrapped.
     """
-    first = x.dim() - len(stride)
-    shape = [x.shape[0], x.shape[1]]
+    shape = [x.shape[0]]
     for i, s in enumerate(stride):
-        size = x.shape[first + i]
+        size = x.shape[1 + i]
         blocks = (size + s - 1) // s
         if blocks * s != size:
-            x = x.index_select(first + i, torch.arange(blocks * s, device=x.device) % size)
+            x = x.index_select(1 + i, torch.arange(blocks * s, device=x.device) % size)
         shape += [blocks, s]
     return x.reshape(shape)  # a view: it only splits axes
 
