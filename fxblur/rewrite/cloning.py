@@ -70,9 +70,10 @@ def _clone(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
 
 def _own_hooks_and_lazy_tensors(module: nn.Module, clone: nn.Module) -> None:
     """Rebind ``module``'s hooks on itself to ``clone``, and give ``clone`` its own unmaterialised tensors."""
-    tables = {id(module.__dict__[name]): value for name, value in clone.__dict__.items() if name.endswith("hooks")}
+    hook_tables = [name for name, value in clone.__dict__.items() if name.endswith("hooks") and isinstance(value, dict)]
+    tables = {id(module.__dict__[name]): clone.__dict__[name] for name in hook_tables}
     for name, value in clone.__dict__.items():
-        if name.endswith("hooks"):
+        if name in hook_tables:
             for key, hook in value.items():
                 value[key] = _rebound(hook, module, clone)
         elif isinstance(value, RemovableHandle):

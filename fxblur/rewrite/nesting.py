@@ -111,18 +111,45 @@ def nesting_of(module: nn.Module) -> Nesting | None:
     return metadata(module).get(_NESTING_KEY)
 
 
-def snapshot(graph: fx.Graph) -> dict[fx.Node, tuple]:
-    """What each node computes, to tell afterwards which calls a rewrite changed (``changed_calls``)."""
-    return {node: (node.op, node.target, node.args, node.kwargs) for node in graph.nodes}
+@dataclass(frozen=True)
+class Snapshot:
+    """What each node computes, and what each call received, before a rewrite (see ``changed_calls``)."""
+
+    nodes: dict[fx.Node, tuple]
+    arguments: dict[Call, list[fx.Node]]
 
 
-def changed_calls(graph: fx.Graph, before: dict[fx.Node, tuple]) -> set[Call]:
-    """The calls in which a node was added, changed or removed since ``before``."""
-    now = {node: (node.op, node.target, node.args, node.kwargs) for node in graph.nodes}
-    changed = {call_of(node) for node, state in now.items() if before.get(node) != state}
-    changed |= {call_of(node) for node in before.keys() - now.keys()}
+def snapshot(graph: fx.Graph) -> Snapshot:
+    calls = {call_of(node) for node in graph.nodes} - {None}
+    return Snapshot({node: _state(node, {}) for node in graph.nodes}, {call: _arguments(call) for call in calls})
+
+
+def changed_calls(graph: fx.Graph, before: Snapshot) -> set[Call]:
+    """The calls in which a node was added, changed or removed since ``before``.
+
+    A call that now receives another value in place of one it received (a rewrite moved the
+    uses of that value to a new one outside the call) computes the same code from it: its
+    nodes that read the argument are not changed by that.
+    """
+    renamed = {
+        call: {now: then for now, then in zip(_arguments(call), old, strict=True) if now is not then}
+        for call, old in before.arguments.items()
+    }
+    changed = {
+        call_of(node) for node in graph.nodes if before.nodes.get(node) != _state(node, renamed.get(call_of(node), {}))
+    }
+    changed |= {call_of(node) for node in before.nodes.keys() - set(graph.nodes)}
     changed.discard(None)
     return changed
+
+
+def _state(node: fx.Node, renamed: dict[fx.Node, fx.Node]) -> tuple:
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda arg: renamed.get(arg, arg))
+    return node.op, node.target, args, kwargs
+
+
+def _arguments(call: Call) -> list[fx.Node]:
+    return [leaf for leaf, _ in _leaves((call.args, call.kwargs))]
 
 
 def nest(

@@ -160,7 +160,10 @@ class _Walk:
                 self._leave(child, child_path, use.opaque)
             elif use.reached_into:
                 self._leave(child, child_path, None)
-                self.descend(child, child_path, _inner_uses(child, use), f"its caller reaches into {child_path}")
+                why = f"its caller reaches into it ({_reached(use)}): its own forward is not what runs"
+                self.untraced.append(Untraced(child_path, type(child).__name__, why))
+                if child._modules:
+                    self.descend(child, child_path, _inner_uses(child, use), why)
             else:
                 module._modules[name] = self.visit(child, child_path)
 
@@ -181,6 +184,12 @@ def _inner_uses(module: nn.Module, use: Use) -> dict[str, Use]:
         for name in module._modules:
             found.setdefault(name, Use()).merge(Use(called=True))
     return found
+
+
+def _reached(use: Use) -> str:
+    """What code uses of a module it reaches into: its children, its methods, or each child in turn."""
+    used = [*sorted(use.reached), *(f"{method}()" for method in sorted(use.methods))]
+    return ", ".join(used) if used else "each of its children"
 
 
 def _first_line(error: Exception) -> str:
