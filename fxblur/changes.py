@@ -21,6 +21,7 @@ from torch import nn
 
 _META_KEY = "fxblur.changes"
 _FLAT_KEY = "fxblur.flat"
+_OBSTACLES_KEY = "fxblur.obstacles"
 _ATTRIBUTE = "_fxblur_meta"
 
 
@@ -41,6 +42,8 @@ class Change:
         blurred_module: the op's module was replaced by a blurred version of itself that
             carries the blur (``fxblur.ops.blurred``): no graph around it changed.
         note: for an op blurred in another way than the options asked, why.
+        phase_group: with polyphase sampling, the group of ops that share the op's phase,
+            named by its first op's target (``fxblur.rewrite.phase_groups``).
         node: the op's node in the rewritten graph.
         input_node: the node that fed the op before the rewrite.
         output_node: the node whose output now stands for the op's original output.
@@ -67,6 +70,7 @@ class Change:
     enlarged_nodes: tuple[str, ...] = ()
     blurred_module: bool = False
     note: str = ""
+    phase_group: str | None = None
 
 
 def record(gm: fx.GraphModule, change: Change) -> None:
@@ -98,6 +102,17 @@ def flat_graph_module(module: nn.Module) -> fx.GraphModule | None:
     """The flat rewritten graph of ``module``'s current mode, over its modules; ``None`` if there is none."""
     graphs = metadata(module).get(_FLAT_KEY)
     return None if graphs is None else graphs[module.training]
+
+
+def store_obstacles(module: nn.Module, obstacles: dict[str, str]) -> None:
+    """Keep what stops the rewritten model from being exactly shift-equivariant: target -> why."""
+    metadata(module, create=True)[_OBSTACLES_KEY] = dict(obstacles)
+
+
+def obstacles_of(module: nn.Module) -> dict[str, str] | None:
+    """What stops exact equivariance (``None`` unless the rewrite asked for polyphase or circular padding)."""
+    found = metadata(module).get(_OBSTACLES_KEY)
+    return None if found is None else dict(found)
 
 
 def changes(gm: nn.Module) -> list[Change]:

@@ -17,6 +17,13 @@ Placement, per kind of op:
 - pools: ``pool_blur_first`` (``blur_first`` unless set) chooses between blurring before
   the pool and running the pool at stride 1 followed by a subsampling blur (MaxBlurPool).
 
+Polyphase sampling (``polyphase=True``, see ``fxblur.passes.PolyphaseSampling``): every
+downsampling op subsamples by adaptive polyphase selection in the same placements, the
+blur (stride 1) optional; unless given, ``min_channels`` becomes 0 and ``replace_avgpools``
+``True``, so that no strided op is left out. ``circular_padding=True`` makes convs, pools
+and blurs pad circularly (``padding_mode`` becomes ``"circular"``), which exact invariance
+to circular shifts needs.
+
 Filters: with ``adaptive_filter=True`` the ``filter_size``-tap binomial is applied only
 along the axes an op subsamples, and widens for strides above 2 (see ``filter_taps``);
 ``adaptive_filter=False`` applies ``filter_size`` taps along every spatial axis whatever the
@@ -42,6 +49,7 @@ from typing import Any
 
 from fxblur.ops.filters import MAX_FILTER_SIZE
 from fxblur.ops.padding import check_padding_mode
+from fxblur.ops.polyphase import NORMS
 
 
 @dataclass(frozen=True)
@@ -59,10 +67,13 @@ class BlurOptions:
     adaptive_filter: bool = True
     padding_mode: str = "reflect"
     exclude: tuple[str, ...] = ()
+    polyphase: bool = False
+    polyphase_norm: str = "l2"
+    circular_padding: bool = False
 
     def __post_init__(self) -> None:
         flags = ("replace_convs", "replace_maxpools", "replace_avgpools", "blur_first", "past_nonlinearity")
-        for name in (*flags, "adaptive_filter"):
+        for name in (*flags, "adaptive_filter", "polyphase", "circular_padding"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.pool_blur_first is not None and not isinstance(self.pool_blur_first, bool):
@@ -72,6 +83,11 @@ class BlurOptions:
         if not _is_int(self.filter_size) or not 1 <= self.filter_size <= MAX_FILTER_SIZE:
             raise ValueError(f"filter_size must be an int from 1 to {MAX_FILTER_SIZE}, got {self.filter_size!r}")
         check_padding_mode(self.padding_mode)
+        if self.circular_padding and self.padding_mode != "circular":
+            mode = self.padding_mode
+            raise ValueError(f"circular_padding=True pads blurs circularly: padding_mode {mode!r} conflicts")
+        if self.polyphase_norm not in NORMS:
+            raise ValueError(f"polyphase_norm must be one of {NORMS}, got {self.polyphase_norm!r}")
         object.__setattr__(self, "exclude", _patterns(self.exclude))
 
     @property
@@ -118,7 +134,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "adaptive_filter": False,
         "padding_mode": "reflect",
     },
+    # Adaptive polyphase sampling as in the APS ResNets (Chaman & Dokmanic 2021): circular
+    # padding, each strided conv at stride 1 with the selection past its BatchNorm and ReLU,
+    # 1x1 shortcuts selecting first with the main branch's phase, max pools at stride 1 then
+    # selected, l2 norm, no blur (``filter_size`` 2 to 7 gives their APS with a low-pass filter).
+    "aps": {
+        "polyphase": True,
+        "circular_padding": True,
+        "blur_first": False,
+        "past_nonlinearity": True,
+        "pool_blur_first": False,
+        "filter_size": 1,
+        "adaptive_filter": False,
+    },
 }
+
+# What polyphase sampling and circular padding change in the defaults, below explicit values and presets.
+_POLYPHASE_DEFAULTS = {"min_channels": 0, "replace_avgpools": True}
+_CIRCULAR_DEFAULTS = {"padding_mode": "circular"}
 
 
 def resolve(preset: str | None = None, **explicit: Any) -> BlurOptions:
@@ -132,7 +165,12 @@ def resolve(preset: str | None = None, **explicit: Any) -> BlurOptions:
     unknown = set(given) - {f.name for f in dataclasses.fields(BlurOptions)}
     if unknown:
         raise ValueError(f"unknown options: {sorted(unknown)}")
-    return BlurOptions(**{**PRESETS.get(preset, {}), **given})
+    chosen = {**PRESETS.get(preset, {}), **given}
+    implied = {
+        **(_POLYPHASE_DEFAULTS if chosen.get("polyphase") else {}),
+        **(_CIRCULAR_DEFAULTS if chosen.get("circular_padding") else {}),
+    }
+    return BlurOptions(**{**implied, **chosen})
 
 
 def _is_int(value: object) -> bool:

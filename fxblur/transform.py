@@ -15,9 +15,9 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
-from fxblur.changes import Change, changes, recorded, store, store_flat_graphs
+from fxblur.changes import Change, changes, recorded, store, store_flat_graphs, store_obstacles
 from fxblur.options import BlurOptions, resolve
-from fxblur.passes import BlurAvgPools, BlurMaxPools, BlurStridedConvs
+from fxblur.passes import BlurAvgPools, BlurMaxPools, BlurStridedConvs, CircularPadding, PolyphaseSampling
 from fxblur.passes.window_pass import RewriteContext
 from fxblur.report import report
 from fxblur.rewrite.calls import SITE, forget_calls, name_sites
@@ -47,6 +47,9 @@ def transform(
     adaptive_filter: bool | None = None,
     padding_mode: str | None = None,
     exclude: str | Iterable[str] | None = None,
+    polyphase: bool | None = None,
+    polyphase_norm: str | None = None,
+    circular_padding: bool | None = None,
     copy: bool = False,
     strict: bool = True,
     flatten: bool = False,
@@ -69,8 +72,9 @@ def transform(
 
     Args:
         model: any ``nn.Module`` that torch.fx can trace.
-        preset: ``"composer"`` (Composer's BlurPool numerics) or ``"zhang2019"`` (the
-            antialiased-cnns reference); options given explicitly override it.
+        preset: ``"composer"`` (Composer's BlurPool numerics), ``"zhang2019"`` (the
+            antialiased-cnns reference) or ``"aps"`` (the APS ResNets' polyphase sampling);
+            options given explicitly override it.
         replace_convs: [True] blur strided convolutions (``nn.Conv1d/2d/3d``, ``F.conv2d``...).
         replace_maxpools: [True] blur strided max pools.
         replace_avgpools: [False] blur strided average pools.
@@ -88,7 +92,16 @@ def transform(
         padding_mode: ["reflect"] how the blur pads: ``"reflect"``, ``"replicate"``,
             ``"zeros"`` or ``"circular"``.
         exclude: [()] glob patterns over targets (module paths such as ``"layer4.*"``, or
-            node names of functional calls such as ``"max_pool2d_1"``) to leave alone.
+            functional calls named by the module that makes them, ``"Mixed_6a.max_pool2d"``)
+            to leave alone.
+        polyphase: [False] subsample every downsampling op by adaptive polyphase sampling
+            instead of at a fixed phase, in the placement the options ask for (the blur
+            becomes optional: ``filter_size=1`` is APS without one); ops whose results meet
+            share one phase. ``min_channels`` then defaults to 0 and ``replace_avgpools`` to
+            ``True``. See ``fxblur.passes.PolyphaseSampling``.
+        polyphase_norm: ["l2"] the norm that picks the phase: ``"l2"``, ``"l1"`` or ``"linf"``.
+        circular_padding: [False] convs, pools and blurs pad circularly (keeping every
+            size): with ``polyphase``, what exact invariance to circular shifts needs.
         copy: give the result its own copy of the parameters; by default it shares the
             original's Parameter objects, so an optimizer built earlier keeps working.
         strict: raise ``UntraceableModelError`` when the model cannot be traced whole;
@@ -139,6 +152,9 @@ def transform(
         adaptive_filter=adaptive_filter,
         padding_mode=padding_mode,
         exclude=exclude,
+        polyphase=polyphase,
+        polyphase_norm=polyphase_norm,
+        circular_padding=circular_padding,
     )
     leaf_modules = _check_tracing_options(copy, strict, flatten, leaf_modules, concrete_args, verbose)
     _check_not_wrapped(model)
@@ -197,6 +213,8 @@ def _rewrite(
         (options.replace_avgpools, BlurAvgPools),
     )
     passes = [make(options, context) for wanted, make in kinds if wanted]
+    if options.polyphase:
+        passes = [PolyphaseSampling(options, context, passes)]
     for gm in working.values():  # the current mode's graph first
         try:
             PassManager(passes)(gm)
@@ -204,6 +222,7 @@ def _rewrite(
             raise error.__cause__ or error from None
         gm.graph.lint()
     context.install(root)  # only now: every graph had to see the original modules
+    obstacles = _pad_circularly(working.values(), frozen) if options.circular_padding else {}
     decisions = _decisions(list(working.values()))
     if flatten:
         warn_about_hooks(call for traced in unique for call in traced.root.walk())
@@ -216,10 +235,22 @@ def _rewrite(
         result, nesting = nest(root, modes, frozen, graph_module_over, keep_unchanged_root=bool(scope))
         store_nesting(result, nesting)
     store(result, decisions)
+    if options.polyphase or options.circular_padding:
+        store_obstacles(result, obstacles)
     for traced in unique:
         forget_calls(traced.graph)
     store_flat_graphs(result, {mode: traced.graph for mode, traced in traces.items()})
     return result
+
+
+def _pad_circularly(graph_modules: Iterable[fx.GraphModule], frozen: frozenset[int]) -> dict[str, str]:
+    """Make every graph's convs and pools pad circularly; what could not, and why."""
+    circular = CircularPadding(frozen)
+    for gm in graph_modules:
+        PassManager([circular])(gm)
+        gm.graph.lint()
+    circular.finish()
+    return circular.obstacles
 
 
 def _decisions(graph_modules: list[fx.GraphModule]) -> list[Change]:

@@ -7,7 +7,7 @@ import torch.fx as fx
 from fxblur.ops.ceil_mode import pad_for_ceil_mode
 from fxblur.ops.max_pool import max_pool_stride_one, stride_one_max_pool
 from fxblur.passes.window_pass import RewriteContext, WindowOpPass
-from fxblur.rewrite.calls import place
+from fxblur.rewrite.calls import STRIDED_AS, place
 from fxblur.rewrite.window_ops import WindowOp
 
 
@@ -39,6 +39,7 @@ class BlurMaxPools(WindowOpPass):
         return reason
 
     def run_at_stride_one(self, gm: fx.GraphModule, op: WindowOp, context: RewriteContext) -> tuple[fx.Node, ...]:
+        op.node.meta[STRIDED_AS] = (op.stride, op.ceil_mode)
         added = ()
         if op.ceil_mode:
             geometry = (list(op.kernel_size), list(op.stride), list(op.padding), list(op.dilation))

@@ -40,7 +40,7 @@ from fxblur.changes import Change, record
 from fxblur.ops.blur_module import Blur
 from fxblur.ops.blurred import BLURRED, BlurredOp, make_blurred
 from fxblur.options import BlurOptions
-from fxblur.rewrite.calls import call_of, place, redirect
+from fxblur.rewrite.calls import STRIDED_AS, call_of, place, redirect
 from fxblur.rewrite.cloning import share_tensors
 from fxblur.rewrite.window_ops import WindowOp, read_window_op, set_call_argument
 
@@ -62,6 +62,7 @@ class Plan:
     placement: str = ""
     reason: str = ""
     chain: tuple[fx.Node, ...] = ()  # the per-channel ops a blur past the nonlinearity moves past
+    note: str = ""  # why the placement is not the one the options asked for
 
 
 class RewriteContext:
@@ -128,7 +129,7 @@ class WindowOpPass(PassBase):
                 continue
             plan = self.plan(op, graph_module)
             if not plan.placement:
-                record(graph_module, _change(op, "skipped", plan.reason))
+                record(graph_module, change_record(op, "skipped", plan.reason))
                 continue
             record(graph_module, self._rewrite(graph_module, op, plan, context))
             modified = True
@@ -186,7 +187,12 @@ class WindowOpPass(PassBase):
             placements = {plan.placement for plan in plans}
             if key in context.frozen or "" in placements:
                 context.realization[key] = "untouched"
-            elif len(placements) == 1 and placements <= set(IN_MODULE) and type(op.module) in BLURRED:
+            elif (
+                len(placements) == 1
+                and placements <= set(IN_MODULE)
+                and type(op.module) in BLURRED
+                and not (self.options.circular_padding and _pads_outside(op, placements.pop()))
+            ):
                 context.realization[key] = "module"
             elif placements <= set(AT_STRIDE_ONE):
                 context.realization[key] = "stride_one"
@@ -203,7 +209,7 @@ class WindowOpPass(PassBase):
             return make_blurred(share_tensors(op.module), self.blur(op, stride), blur_input, stride_one)
 
         context.replace(op.target, op.module, blurred)
-        return _change(op, plan.placement, blur=f"{op.target}.{BLUR_CONTAINER}", blurred_module=True)
+        return change_record(op, plan.placement, blur=f"{op.target}.{BLUR_CONTAINER}", blurred_module=True)
 
     def blur_before(self, gm: fx.GraphModule, op: WindowOp, plan: Plan, context: RewriteContext) -> Change:
         """Blur the op's input at stride 1; the op keeps its stride."""
@@ -223,9 +229,11 @@ class WindowOpPass(PassBase):
     def run_at_stride_one(self, gm: fx.GraphModule, op: WindowOp, context: RewriteContext) -> tuple[fx.Node, ...]:
         """Make ``op`` compute every window; return the nodes this needed to insert.
 
-        At stride 1 a pool's ``ceil_mode`` has no effect, so it is switched off.
+        At stride 1 a pool's ``ceil_mode`` has no effect, so it is switched off. The node
+        remembers the stride it had (``STRIDED_AS``), for passes that pad around it.
         """
         ones = (1,) * op.dims
+        op.node.meta[STRIDED_AS] = (op.stride, op.ceil_mode)
         if op.module is None:
             set_call_argument(op.node, "stride", ones)
             if op.ceil_mode:
@@ -256,7 +264,7 @@ class WindowOpPass(PassBase):
         with gm.graph.inserting_before(op.node):
             blurred = place(gm.graph.call_module(path, (source,)), op.node)
         op.replace_input(blurred)
-        return _change(op, action, blur=path, input_node=source, added=(*added, blurred))
+        return change_record(op, action, blur=path, input_node=source, added=(*added, blurred))
 
     def _blur_output(
         self,
@@ -273,8 +281,8 @@ class WindowOpPass(PassBase):
         path = add_blur(gm, last, op.target, self.blur(op, op.stride), context.frozen)
         with gm.graph.inserting_after(last):
             blurred = place(gm.graph.call_module(path, (last,)), last)
-        redirect(last, blurred, keep=blurred)
-        return _change(
+        redirect(last, blurred, keep=[blurred])
+        return change_record(
             op,
             action,
             blur=path,
@@ -317,6 +325,22 @@ def add_blur(gm: fx.GraphModule, at: fx.Node, name: str, blur: Blur, frozen: fro
     raise AssertionError("unreachable: a free name always exists")
 
 
+def _pads_outside(op: WindowOp, placement: str) -> bool:
+    """Whether circular padding would put a padding node before ``op`` (a blurred op module cannot hold it).
+
+    A conv pads inside, circularly, when its padding makes up for its kernel (or, keeping
+    its stride, when it needs none); a pool with padding or ceil-mode windows never does.
+    """
+    if op.kind != "conv":
+        return bool(op.ceil_mode or any(op.padding))
+    if isinstance(op.padding, str):
+        return True
+    spans = [d * (k - 1) for k, d in zip(op.kernel_size, op.dilation, strict=True)]
+    if placement == "blur_before":
+        return any(p and 2 * p != span for p, span in zip(op.padding, spans, strict=True))
+    return any(2 * p != span for p, span in zip(op.padding, spans, strict=True))
+
+
 def _is_blurred_before(op: WindowOp, gm: fx.GraphModule) -> bool:
     source = op.input
     if source.op != "call_module" or not isinstance(gm.get_submodule(source.target), Blur):
@@ -332,7 +356,7 @@ def _device_of(gm: fx.GraphModule) -> torch.device:
     return torch.device("cpu") if tensor is None else tensor.device
 
 
-def _change(
+def change_record(
     op: WindowOp,
     action: str,
     reason: str = "",

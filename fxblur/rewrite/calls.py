@@ -45,6 +45,7 @@ from torch import nn
 CALL = "fxblur.call"
 SITE = "fxblur.site"
 LINE = "fxblur.line"
+STRIDED_AS = "fxblur.strided_as"  # (stride, ceil_mode) of an op a rewrite moved to stride 1
 
 
 @dataclass(eq=False)
@@ -131,12 +132,13 @@ def place(node: fx.Node, like: fx.Node) -> fx.Node:
     return node
 
 
-def redirect(old: fx.Node, new: fx.Node, keep: fx.Node | None = None) -> None:
-    """Make every use of ``old`` (but ``keep``'s) a use of ``new``, in the graph and in the calls' records.
+def redirect(old: fx.Node, new: fx.Node, keep: Iterable[fx.Node] = ()) -> None:
+    """Make every use of ``old`` (but those by ``keep``) a use of ``new``, in the graph and in the calls' records.
 
     ``new`` stands where ``old`` was: in every call that received ``old`` or returned it.
     """
-    old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not keep)
+    kept = set(keep)
+    old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in kept)
     call = call_of(old)
     if call is None:
         return

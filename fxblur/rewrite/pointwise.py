@@ -49,14 +49,14 @@ def pointwise_chain(start: fx.Node, gm: fx.GraphModule, spatial_dims: int = 2) -
     node = start
     while len(node.users) == 1:
         user = next(iter(node.users))
-        if not _per_channel_op_on(user, node, gm, spatial_dims):
+        if not per_channel_op_on(user, node, gm, spatial_dims):
             break
         chain.append(user)
         node = user
     return chain
 
 
-def _per_channel_op_on(user: fx.Node, node: fx.Node, gm: fx.GraphModule, spatial_dims: int) -> bool:
+def per_channel_op_on(user: fx.Node, node: fx.Node, gm: fx.GraphModule, spatial_dims: int) -> bool:
     if not user.args or user.args[0] is not node:
         return False
     if user.op == "call_module":

@@ -1,0 +1,141 @@
+"""Phase groups: the downsampling ops that must subsample at one polyphase phase.
+
+Adaptive polyphase sampling picks, per sample, the phase at which each strided op
+subsamples. Ops whose results are combined must pick the same one, or their outputs are
+misaligned and invariance is lost: a ResNet block's strided conv and its strided 1x1
+shortcut (added), the strided branches of an Inception or ShuffleNet reduction block
+(concatenated). Two ops are in one group when
+
+- their inputs derive from one tensor through stride-1 ops that treat every position
+  alike (convs and pools of stride 1, norms, activations, per-channel affine ops): they
+  read the same signal, shifted alike; or
+- their outputs, through such ops, meet at one node that combines tensors (an add, a
+  ``cat``, a product of two maps).
+
+A group's *source* is the latest tensor every member's input derives from that way (the
+block's input, in a ResNet); the cheap form of polyphase sampling computes the group's
+phase there, once. A group whose members meet but share no source, or subsample by
+different strides, cannot be made consistent in that form: ``PhaseGroup.problem`` says so.
+
+Example:
+    >>> gm = fx.symbolic_trace(torchvision.models.resnet18())
+    >>> ops = [op for node in gm.graph.nodes if (op := read_window_op(node, gm)) and op.downsamples]
+    >>> [[op.target for op in group.members] for group in phase_groups(ops, gm)][1:3]  # the stem conv is one
+    [['maxpool'], ['layer2.0.conv1', 'layer2.0.downsample.0']]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+from torch import nn
+
+from fxblur.ops.blur_module import Blur
+from fxblur.rewrite.pointwise import MODULES as POINTWISE_MODULES
+from fxblur.rewrite.pointwise import per_channel_op_on
+from fxblur.rewrite.window_ops import WindowOp, read_window_op
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+@dataclass
+class PhaseGroup:
+    """Downsampling ops that subsample at one phase (see the module docstring).
+
+    Attributes:
+        name: the target of its first member, which names it in reports.
+        members: its ops, in graph order.
+        source: the tensor all members' inputs derive from through stride-1 ops, if any.
+        problem: why the group cannot share one phase computed at a source ("" if it can).
+    """
+
+    name: str
+    members: list[WindowOp]
+    source: fx.Node | None = None
+    problem: str = ""
+    paths: dict[str, list[fx.Node]] = field(default_factory=dict, repr=False)
+
+
+def phase_groups(ops: list[WindowOp], gm: fx.GraphModule) -> list[PhaseGroup]:
+    """Group ``ops`` (the downsampling ops of ``gm`` that will subsample by polyphase sampling)."""
+    parent = list(range(len(ops)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    back = [_back_path(op.input, gm) for op in ops]
+    reached: dict[fx.Node, int] = {}
+    meets: dict[fx.Node, int] = {}
+    for i, op in enumerate(ops):
+        for node in back[i]:  # same signal in
+            if node in reached:
+                parent[find(i)] = find(reached[node])
+            reached.setdefault(node, i)
+        combining = _combining_user(op.node, gm)  # outputs that meet
+        if combining is not None:
+            if combining in meets:
+                parent[find(i)] = find(meets[combining])
+            meets.setdefault(combining, i)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(ops)):
+        groups.setdefault(find(i), []).append(i)
+    return [_group([ops[i] for i in members], [back[i] for i in members]) for members in groups.values()]
+
+
+def _group(members: list[WindowOp], paths: list[list[fx.Node]]) -> PhaseGroup:
+    group = PhaseGroup(members[0].target, members)
+    common = set(paths[0]).intersection(*paths[1:])
+    group.source = next((node for node in paths[0] if node in common), None)  # the first on the way back
+    if len({op.stride for op in members}) > 1:
+        group.problem = "its ops subsample by different strides"
+    elif group.source is None:
+        group.problem = "its outputs meet, but its inputs derive from no common tensor"
+    return group
+
+
+def _back_path(node: fx.Node, gm: fx.GraphModule) -> list[fx.Node]:
+    """``node`` and the tensors it derives from through single-input, stride-1, position-blind ops."""
+    path = [node]
+    while (previous := _equivariant_input(path[-1], gm)) is not None:
+        path.append(previous)
+    return path
+
+
+def _combining_user(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The first node after ``node``, along single-user stride-1 ops, that reads it with another map."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if _equivariant_input(user, gm) is node:
+            node = user
+            continue
+        return user if _reads_several_maps(user) else None
+    return None
+
+
+def _equivariant_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The one map ``node`` computes from, if it is a stride-1 op that treats every position alike."""
+    if node.op not in ("call_module", "call_function", "call_method") or not node.args:
+        return None
+    source = node.args[0]
+    if not isinstance(source, fx.Node):
+        return None
+    op = read_window_op(node, gm)
+    if op is not None:
+        return None if op.downsamples else source
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        stride_one_blur = isinstance(module, Blur) and all(s == 1 for s in module.stride)
+        if stride_one_blur or (isinstance(module, (*_NORMS, *POINTWISE_MODULES)) and len(node.args) == 1):
+            return source
+        return None
+    return source if per_channel_op_on(node, source, gm, spatial_dims=2) else None
+
+
+def _reads_several_maps(node: fx.Node) -> bool:
+    read: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), read.append)
+    return len({arg for arg in read if arg.op != "get_attr"}) > 1

@@ -1,0 +1,141 @@
+"""Circular padding: every conv, pool and blur a graph calls pads by wrapping around, at the same sizes.
+
+A conv or pool that pads with zeros (or ``-inf``) treats the border differently from the
+interior, so a network that pads so is not exactly equivariant to circular shifts;
+polyphase sampling then makes it invariant only away from the borders. With
+``circular_padding=True``, after the blur or polyphase passes, this pass makes
+
+- every conv module pad circularly (``padding_mode="circular"``: its own ``forward`` pads),
+  and a functional conv read a circularly padded input at ``padding=0``;
+- every pool with padding, or with ``ceil_mode`` windows that reach past its input, read an
+  input padded circularly to the same extent (``fxblur.ops.ceil_mode.pad_window_circularly``)
+  at ``padding=0``, so that its output keeps its size; a pool run at stride 1 whose
+  ``ceil_mode`` windows were kept with ``-inf`` samples wraps around instead;
+
+(blurs pad circularly through ``padding_mode``). A conv that crops (``padding=0`` with a
+kernel above 1, or ``"valid"``) is left as it is, and so is a module that code outside the
+graph also calls: ``obstacles`` says which, since they stop a model from being exactly
+equivariant.
+
+Example:
+    >>> from torch.fx.passes.infra.pass_manager import PassManager
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.MaxPool2d(3, 1, 1))
+    >>> gm = fx.symbolic_trace(net)
+    >>> circular = CircularPadding()
+    >>> _ = PassManager([circular])(gm)
+    >>> circular.finish()
+    >>> gm.get_submodule("0").padding_mode, gm.get_submodule("1").padding
+    ('circular', 0)
+    >>> x = torch.randn(1, 4, 6, 6)
+    >>> torch.allclose(gm(torch.roll(x, 2, 3)), torch.roll(gm(x), 2, 3), atol=1e-6)
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from fxblur.ops.ceil_mode import pad_for_ceil_mode, pad_window_circularly
+from fxblur.rewrite.calls import STRIDED_AS, place
+from fxblur.rewrite.window_ops import WindowOp, read_window_op, set_call_argument
+
+
+class CircularPadding(PassBase):
+    """Make the convs and pools of a graph pad circularly (see the module docstring).
+
+    Args:
+        frozen: ids of modules that must not change (code outside the graph calls them).
+    """
+
+    def __init__(self, frozen: frozenset[int] = frozenset()) -> None:
+        self.frozen = frozen
+        self.obstacles: dict[str, str] = {}
+        self._settings: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
+
+    def finish(self) -> None:
+        """Change the modules, once every graph has seen them as they were (call after the last graph)."""
+        for module, settings in self._settings.values():
+            for name, value in settings.items():
+                setattr(module, name, value)
+        self._settings.clear()
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        modified = False
+        for node in list(graph_module.graph.nodes):
+            op = read_window_op(node, graph_module)
+            strided_as = node.meta.get(STRIDED_AS)
+            if op is None or not (strided_as or _pads(op)):
+                continue
+            reason = _why_not(op, self.frozen, strided_as)
+            if reason:
+                self.obstacles[op.target] = reason
+                continue
+            if strided_as and _is_ceil_mode_padding(op.input):  # wrap around instead of -inf samples
+                ceil_padding = op.input
+                op.replace_input(ceil_padding.args[0])
+                graph_module.graph.erase_node(ceil_padding)
+            if op.kind == "conv" and op.module is not None and _same(op):
+                self._set(op.module, padding_mode="circular")
+            else:
+                self._pad_before(graph_module, op, strided_as)
+            modified = True
+        return PassResult(graph_module, modified)
+
+    def _pad_before(self, gm: fx.GraphModule, op: WindowOp, strided_as: tuple | None) -> None:
+        """Feed ``op`` a circularly padded input and make it pad nothing itself."""
+        zeros = [0] * op.dims
+        stride, ceil_mode = strided_as or (op.stride, op.ceil_mode)
+        geometry = (list(op.kernel_size), list(stride), list(op.padding), list(op.dilation), ceil_mode)
+        with gm.graph.inserting_before(op.node):
+            pad = gm.graph.call_function(pad_window_circularly, (op.input, *geometry, strided_as is not None))
+        place(pad, op.node).meta["is_wrapped"] = True
+        op.replace_input(pad)
+        if op.module is None:
+            set_call_argument(op.node, "padding", zeros)
+            if op.ceil_mode:
+                set_call_argument(op.node, "ceil_mode", False)
+        else:
+            padding = tuple(zeros) if isinstance(op.module.padding, tuple) else 0
+            self._set(op.module, padding=padding, **({"ceil_mode": False} if op.kind != "conv" else {}))
+
+    def _set(self, module: nn.Module, **settings: Any) -> None:
+        self._settings.setdefault(id(module), (module, {}))[1].update(settings)
+
+
+def _pads(op: WindowOp) -> bool:
+    """Whether the op pads, reaches past its input (ceil mode), or drops its border (a crop)."""
+    return op.ceil_mode or op.padding == "same" or _crops(op) or (not isinstance(op.padding, str) and any(op.padding))
+
+
+def _why_not(op: WindowOp, frozen: frozenset[int], strided_as: tuple | None) -> str:
+    """Why ``op`` cannot pad circularly, or ``""``."""
+    if not strided_as and _crops(op):
+        return f"crops its input (kernel {op.kernel_size}, stride {op.stride}, padding {op.padding})"
+    if isinstance(op.padding, str):
+        return f"pads {op.padding!r}: give it numbers for circular padding"
+    if op.module is not None and id(op.module) in frozen:
+        return "pads as it did: code outside the graph also calls it"
+    return ""
+
+
+def _crops(op: WindowOp) -> bool:
+    """Whether the op's output misses part of its input's border (so no padding can keep every size)."""
+    if op.padding == "same" or op.ceil_mode or op.kernel_size is None:
+        return False
+    padding = (0,) * op.dims if op.padding == "valid" else op.padding
+    axes = zip(op.kernel_size, op.stride, padding, op.dilation, strict=True)
+    return any(d * (k - 1) > 2 * p + s - 1 for k, s, p, d in axes)
+
+
+def _same(op: WindowOp) -> bool:
+    """A conv whose padding exactly makes up for its kernel: its own circular padding keeps every size."""
+    spans = [d * (k - 1) for k, d in zip(op.kernel_size, op.dilation, strict=True)]
+    return all(2 * p == span for p, span in zip(op.padding, spans, strict=True))
+
+
+def _is_ceil_mode_padding(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is pad_for_ceil_mode and len(node.users) == 1
