@@ -169,31 +169,41 @@ def test_gradients_of_every_order(sizes, stride, last):
         assert torch.autograd.gradgradcheck(op, x)
 
 
-def test_meta_tensors_give_shapes():
-    x = torch.empty(2, 8, 7, 9, device="meta", dtype=torch.bfloat16)
-    phase = phase_of(x, [2, 4])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize(("sizes", "grid"), [((7, 9), (4, 3)), ((8, 12), (4, 3))])
+def test_meta_tensors_give_shapes(sizes, grid, norm):
+    x = torch.empty(2, 8, *sizes, device="meta", dtype=torch.bfloat16)
+    phase = phase_of(x, [2, 4], norm)
     assert phase.device.type == "meta"
     assert phase.shape == (2, 2)
     assert phase.dtype == torch.int64
-    assert select_phase(x, phase, [2, 4]).shape == (2, 8, 4, 3)
+    assert select_phase(x, phase, [2, 4]).shape == (2, 8, *grid)
     assert roll_to_phase(x, phase).shape == x.shape
 
 
 def aps(x: Tensor) -> Tensor:
-    """All three ops together: the cheap form and the published form of one stride-2 subsampling."""
-    phase = phase_of(x, [2, 2])
-    return roll_to_phase(x, phase)[..., ::2, ::2] + select_phase(x, phase, [2, 2])
+    """All three ops together, every norm: the cheap and the published form of stride-2 subsampling."""
+    out = x.new_zeros(())
+    for norm in NORMS:
+        phase = phase_of(x, [2, 2], norm)
+        out = out + roll_to_phase(x, phase)[..., ::2, ::2] + select_phase(x, phase, [2, 2])
+    return out
 
 
+SIZES = pytest.mark.parametrize("sizes", [(6, 4), (7, 6)])  # with and without wrapping around
+
+
+@SIZES
 @pytest.mark.parametrize("last", [False, True])
-def test_vmap(last):
-    x = torch.randn(4, 2, 3, 6, 5)
+def test_vmap(sizes, last):
+    x = torch.randn(4, 2, 3, *sizes)
     x = x.movedim(2, -1).contiguous().movedim(-1, 2) if last else x
     assert torch.equal(torch.func.vmap(aps)(x), torch.stack([aps(slice_) for slice_ in x]))
 
 
-def test_compile_without_graph_breaks_and_export():
-    x = torch.randn(2, 3, 7, 6)
+@SIZES
+def test_compile_without_graph_breaks_and_export(sizes):
+    x = torch.randn(2, 3, *sizes)
     assert torch.equal(torch.compile(aps, fullgraph=True, backend="eager")(x), aps(x))
 
     class Aps(nn.Module):
@@ -204,13 +214,17 @@ def test_compile_without_graph_breaks_and_export():
     assert torch.equal(exported.module()(x), aps(x))
 
 
+@SIZES
+@pytest.mark.parametrize("last", [False, True])
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
-def test_torchscript():
-    x = channels_last(torch.randn(2, 3, 7, 6))
-    phase = phase_of(x, [2, 3], "l1")
-    assert torch.equal(torch.jit.script(phase_of)(x, [2, 3], "l1"), phase)
-    assert torch.equal(torch.jit.script(select_phase)(x, phase, [2, 3]), select_phase(x, phase, [2, 3]))
-    assert torch.equal(torch.jit.script(roll_to_phase)(x, phase), roll_to_phase(x, phase))
+def test_torchscript(sizes, last):
+    x = torch.randn(2, 3, *sizes)
+    x = channels_last(x) if last else x
+    for norm in NORMS:
+        phase = phase_of(x, [2, 2], norm)
+        assert torch.equal(torch.jit.script(phase_of)(x, [2, 2], norm), phase)
+        assert torch.equal(torch.jit.script(select_phase)(x, phase, [2, 2]), select_phase(x, phase, [2, 2]))
+        assert torch.equal(torch.jit.script(roll_to_phase)(x, phase), roll_to_phase(x, phase))
 
 
 def test_fx_tracing_keeps_each_op_one_call():

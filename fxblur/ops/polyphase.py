@@ -21,11 +21,12 @@ The ops are split so that a graph rewrite can place them on either side of a str
   chosen on the op's input, at the cost of the original op plus one norm and one roll.
 - ``select_phase`` takes component ``phase`` itself, after a stride-1 op: the published form.
 
-``phase_of`` works in two stages. It first reduces the channels, in one pass over the input,
-to what every position adds to the norm (its square, absolute value or largest absolute
-value), then reshapes that map, C times smaller, so that each component is an axis of its
-own, and reduces the rest. Sizes that the stride does not divide are wrapped around to a
-multiple of it on the small map, so odd sizes cost no copy of the input.
+Where the stride divides the sizes, ``phase_of`` reshapes the input so that each component is
+an axis of its own and reduces every other axis, channels included, in one pass. Elsewhere,
+and for ``"linf"`` (whose reduction over such a view is slow on CPU), it first reduces the
+channels to what every position adds to the norm (its square, absolute value or largest
+absolute value), then wraps that map, C times smaller, around to a multiple of the stride
+and reduces it the same way: odd sizes cost no padded copy of the input.
 
 ``roll_to_phase`` and ``select_phase`` are one gather each: per sample, the flat spatial
 index that every output sample reads, computed from the offsets with integer arithmetic and
@@ -34,10 +35,11 @@ channels and stays channels-last. All three are plain differentiable PyTorch ops
 autograd (of any order), forward-mode AD, ``vmap``, ``torch.compile``, ``torch.export`` and
 TorchScript go through them.
 
-The norms are ``"l2"`` (the paper's; compared as sums of squares), ``"l1"`` and ``"linf"``,
-over channels and space, accumulated in float32 for half-precision inputs. Ties go to the
-first component in row-major order of the offsets; the sums are exact where every partial sum
-is (integer-valued inputs of moderate size), so ties there are exact too.
+The norms are ``"l2"`` (the paper's), ``"l1"`` and ``"linf"``, over channels and space,
+accumulated in float32 for half-precision inputs; ``"l2"`` compares norms or sums of
+squares, which order the components alike. Ties go to the first component in row-major order
+of the offsets. Sums are exact where every partial sum is (integer-valued inputs of moderate
+size), so ties there are exact ties.
 
 Example:
     >>> x = torch.zeros(1, 1, 4, 4)
@@ -83,15 +85,12 @@ def phase_of(x: Tensor, stride: list[int], norm: str = "l2") -> Tensor:
         tensor([[0],
                 [1]])
     """
+    _check_norm(norm)
     _check_stride(x, stride)
-    components = _components_as_axes(_contributions(x.detach(), norm), stride)
-    spatial = len(stride)
-    blocks = [1 + 2 * i for i in range(spatial)]
-    norms = components.amax(blocks) if norm == "linf" else components.sum(blocks)  # (N, *stride)
-    first_largest = norms.flatten(1).argmax(1)  # argmax returns the first of equal maxima
+    first_largest = _component_norms(x.detach(), stride, norm).flatten(1).argmax(1)  # the first of equal maxima
     offsets: list[Tensor] = []
     later = 1
-    for i in range(spatial - 1, -1, -1):  # unravel the row-major index, last axis first
+    for i in range(len(stride) - 1, -1, -1):  # unravel the row-major index, last axis first
         offsets.insert(0, first_largest // later % stride[i])
         later = later * stride[i]
     return torch.stack(offsets, 1)
@@ -136,6 +135,25 @@ def select_phase(x: Tensor, phase: Tensor, stride: list[int]) -> Tensor:
 torch.fx.wrap("select_phase")
 
 
+def _component_norms(x: Tensor, stride: list[int], norm: str) -> Tensor:
+    """Every component's norm, or for ``"l2"`` its square: (N, *stride)."""
+    spatial = len(stride)
+    if norm != "linf" and _stride_divides(x, stride):  # one pass over x
+        components = _components_as_axes(x, stride)  # (N, C, blocks, stride, blocks, stride, ...)
+        channels_and_blocks = [1] + [2 + 2 * i for i in range(spatial)]
+        accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
+        order = 2.0 if norm == "l2" else 1.0
+        return torch.linalg.vector_norm(components, order, dim=channels_and_blocks, dtype=accumulate)
+    components = _components_as_axes(_contributions(x, norm), stride)  # (N, blocks, stride, ...)
+    blocks = [1 + 2 * i for i in range(spatial)]
+    return components.amax(blocks) if norm == "linf" else components.sum(blocks)
+
+
+def _stride_divides(x: Tensor, stride: list[int]) -> bool:
+    first = x.dim() - len(stride)
+    return all([x.shape[first + i] % stride[i] == 0 for i in range(len(stride))])  # TorchScript: no generators
+
+
 def _contributions(x: Tensor, norm: str) -> Tensor:
     """What each position adds to the ``norm`` of its component, over all channels: (N, *spatial).
 
@@ -145,12 +163,15 @@ def _contributions(x: Tensor, norm: str) -> Tensor:
     if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
         x = x.float()
     if norm == "l2":
-        return torch.linalg.vecdot(x, x, dim=1)
+        return x.square().sum(1)
     if norm == "l1":
         return x.abs().sum(1)
-    if norm == "linf":
-        return torch.maximum(x.amax(1), x.amin(1).neg())
-    raise ValueError(f"unknown norm '{norm}'; expected one of 'l2', 'l1', 'linf'")
+    return torch.maximum(x.amax(1), x.amin(1).neg())
+
+
+def _check_norm(norm: str) -> None:
+    if norm != "l2" and norm != "l1" and norm != "linf":
+        raise ValueError(f"unknown norm '{norm}'; expected one of 'l2', 'l1', 'linf'")
 
 
 def _check_stride(x: Tensor, stride: list[int]) -> None:
@@ -180,17 +201,18 @@ def _check_phase(x: Tensor, phase: Tensor) -> None:
 
 
 def _components_as_axes(x: Tensor, stride: list[int]) -> Tensor:
-    """``x`` (N, *spatial) with every axis wrapped to a multiple of its stride and split into (blocks, stride).
+    """``x`` with its last ``len(stride)`` axes wrapped to multiples of the strides and split into (blocks, stride).
 
     Along a split axis, index ``p`` of the stride axis is component ``p``. Wrapping copies ``x``,
     so only the axes that need it are wrapped.
     """
-    shape = [x.shape[0]]
+    first = x.dim() - len(stride)
+    shape = list(x.shape[:first])
     for i, s in enumerate(stride):
-        size = x.shape[1 + i]
+        size = x.shape[first + i]
         blocks = (size + s - 1) // s
         if blocks * s != size:
-            x = x.index_select(1 + i, torch.arange(blocks * s, device=x.device) % size)
+            x = x.index_select(first + i, torch.arange(blocks * s, device=x.device) % size)
         shape += [blocks, s]
     return x.reshape(shape)  # a view: it only splits axes
 
