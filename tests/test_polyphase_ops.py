@@ -150,6 +150,15 @@ def test_axes_with_stride_one_get_offset_zero():
     assert torch.equal(select_phase(x, phase, [1, 2]), reference_select(x, phase, [1, 2]))
 
 
+def test_offsets_may_have_any_integer_dtype():
+    x = torch.randn(2, 3, 5, 6)
+    phase = torch.tensor([[1, -2], [7, 3]])
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        offsets = phase.remainder(5).to(dtype)
+        assert torch.equal(roll_to_phase(x, offsets), roll_to_phase(x, phase.remainder(5)))
+        assert torch.equal(select_phase(x, offsets, [2, 3]), select_phase(x, phase.remainder(5), [2, 3]))
+
+
 def test_phase_of_is_not_differentiable_and_the_selection_is():
     x = torch.randn(2, 3, 6, 6, requires_grad=True)
     phase = phase_of(x, [2, 2])

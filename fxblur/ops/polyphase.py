@@ -136,7 +136,7 @@ torch.fx.wrap("select_phase")
 
 
 def _component_norms(x: Tensor, stride: list[int], norm: str) -> Tensor:
-    """Every component's norm, or for ``"l2"`` its square: (N, *stride)."""
+    """Every component's norm (for ``"l2"``, the norm or its square: they order alike): (N, *stride)."""
     spatial = len(stride)
     if norm != "linf" and _stride_divides(x, stride):  # one pass over x
         components = _components_as_axes(x, stride)  # (N, C, blocks, stride, blocks, stride, ...)
@@ -203,8 +203,8 @@ def _check_phase(x: Tensor, phase: Tensor) -> None:
 def _components_as_axes(x: Tensor, stride: list[int]) -> Tensor:
     """``x`` with its last ``len(stride)`` axes wrapped to multiples of the strides and split into (blocks, stride).
 
-    Along a split axis, index ``p`` of the stride axis is component ``p``. Wrapping copies ``x``,
-    so only the axes that need it are wrapped.
+    Along a split axis, index ``p`` of the stride axis is component ``p``. Wrapping copies ``x``
+    (``phase_of`` wraps only maps reduced over the channels), so only the axes that need it are wrapped.
     """
     first = x.dim() - len(stride)
     shape = list(x.shape[:first])
