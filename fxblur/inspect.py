@@ -13,6 +13,7 @@ Examples:
     python -m fxblur.inspect resnet50
     python -m fxblur.inspect resnet50 --blur-last --format github
     python -m fxblur.inspect vgg16 --preset zhang2019
+    python -m fxblur.inspect resnet50 --polyphase --circular-padding
     python -m fxblur.inspect googlenet --input-size 225 --show-code
     python -m fxblur.inspect mypackage.nets:small_cnn --min-channels 0 --format json
 """
@@ -32,7 +33,7 @@ from torch import nn
 from fxblur.changes import changes, flat_graph_module
 from fxblur.models import ModelSpecError, build, timm_available, torchvision_names
 from fxblur.ops.padding import PADDING_MODES
-from fxblur.options import PRESETS, BlurOptions
+from fxblur.options import NORMS, PRESETS, BlurOptions
 from fxblur.report import FORMATS, report
 from fxblur.rewrite.tracer import UntraceableModelError, trace
 from fxblur.transform import NoEffectWarning, transform
@@ -60,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="torchvision name, timm:NAME, or package.module:factory")
     p.add_argument("--list", action="store_true", help="list the model names this tool knows and exit")
     options = p.add_argument_group("rewrite options (as fxblur.transform; unset ones come from --preset)")
-    options.add_argument("--preset", choices=sorted(PRESETS), help="composer or zhang2019")
+    options.add_argument("--preset", choices=sorted(PRESETS), help="aps, composer or zhang2019")
     flag = {"action": "store_const", "default": None}
     options.add_argument("--blur-last", const=False, dest="blur_first", **flag, help="ops at stride 1, blur after")
     options.add_argument("--past-nonlinearity", const=True, **flag, help="blur strided convs past BN/activations")
@@ -73,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument("--filter-size", type=int, metavar="K", help="binomial filter taps, 1 to 7 (3)")
     options.add_argument("--padding-mode", choices=PADDING_MODES, help="reflect, replicate, zeros or circular")
     options.add_argument("--exclude", action="append", metavar="PATTERN", help="glob over targets; repeat")
+    options.add_argument("--polyphase", const=True, **flag, help="adaptive polyphase sampling (shows phase groups)")
+    options.add_argument("--polyphase-norm", choices=NORMS, help="l2, l1 or linf (l2)")
+    options.add_argument("--circular-padding", const=True, **flag, help="pad convs, pools and blurs circularly")
     options.add_argument("--leaf-module", action="append", default=[], metavar="PATH", help="call whole; repeat")
     output = p.add_argument_group("output")
     output.add_argument("--input-size", type=int, nargs="+", default=[224], metavar="SIZE", help="H [W], default 224")

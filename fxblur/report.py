@@ -41,7 +41,7 @@ import torch.fx as fx
 from tabulate import tabulate, tabulate_formats
 from torch import nn
 
-from fxblur.changes import Change, changes, flat_graph_module
+from fxblur.changes import Change, changes, flat_graph_module, obstacles_of
 from fxblur.costs import blurred_op_extra, node_bytes, node_macs, output_of, propagate_shapes
 from fxblur.rewrite.nesting import Nesting, nesting_of
 from fxblur.rewrite.partial import Parts, parts_of
@@ -62,6 +62,7 @@ class Row:
     action: str
     reason: str
     note: str = ""
+    phase_group: str | None = None
     input_size: tuple[int, ...] | None = None
     output_size: tuple[int, ...] | None = None
     extra_macs: int | None = None
@@ -85,6 +86,7 @@ class Report:
     macs_after: int | None = None
     parts: Parts | None = None
     nesting: Nesting | None = None
+    obstacles: dict[str, str] | None = None
 
     @property
     def blurred(self) -> int:
@@ -112,6 +114,8 @@ class Report:
         elif not self.blurred:
             reasons = sorted({row.reason for row in self.rows})
             lines[0] += f" - nothing blurred ({'; '.join(reasons)})"
+        if self.obstacles is not None:
+            lines.append(_invariance(self.obstacles))
         if self.nesting is not None and self.nesting.inlined:
             inlined = ", ".join(f"{item.path} ({item.reason})" for item in self.nesting.inlined)
             lines.append(f"inlined into their callers, no longer called as modules: {inlined}")
@@ -131,7 +135,8 @@ class Report:
     def table(self, tablefmt: str = "simple") -> str:
         """The rows as a table in any ``tabulate`` format."""
         sized = self.input_shape is not None
-        headers = ["target", "op", "kernel", "stride", "channels", "action"]
+        grouped = any(row.phase_group for row in self.rows)
+        headers = ["target", "op", "kernel", "stride", "channels", "action"] + (["phase group"] if grouped else [])
         headers += ["in -> out", "extra MACs", "extra memory"] if sized else []
         table = []
         for row in self.rows:
@@ -142,6 +147,7 @@ class Report:
                 _size(row.stride),
                 "" if row.in_channels is None else f"{row.in_channels}->{row.out_channels}",
                 _action(row),
+                *([row.phase_group or ""] if grouped else []),
             ]
             if sized and row.output_size is None:
                 cells += ["not run in this mode", "", ""]
@@ -167,6 +173,7 @@ class Report:
                 "records": self.records(),
                 "parts": None if self.parts is None else asdict(self.parts),
                 "nesting": None if self.nesting is None else asdict(self.nesting),
+                "obstacles": self.obstacles,
             },
             indent=2,
         )
@@ -203,9 +210,10 @@ def report(gm: nn.Module, input_shape: Sequence[int] | torch.Tensor | None = Non
             f"{model} was rewritten in parts ({', '.join(parts.rewritten) or 'none'}): sizes and costs need "
             "one graph; pass each part with its own input shape, e.g. report(model.<part>, input_shape)"
         )
-    nesting = nesting_of(gm)
+    nesting, obstacles = nesting_of(gm), obstacles_of(gm)
     if input_shape is None:
-        return Report(model, tuple(_row(change) for change in decisions), parts=parts, nesting=nesting)
+        rows = tuple(_row(change) for change in decisions)
+        return Report(model, rows, parts=parts, nesting=nesting, obstacles=obstacles)
     flat = flat_graph_module(gm)
     example = input_shape if isinstance(input_shape, torch.Tensor) else _example(gm, tuple(input_shape))
     propagate_shapes(flat, example)
@@ -213,7 +221,7 @@ def report(gm: nn.Module, input_shape: Sequence[int] | torch.Tensor | None = Non
     rows = tuple(_row(change, nodes, flat) for change in decisions)
     macs_after = sum(node_macs(node, flat) for node in flat.graph.nodes)
     macs_before = macs_after - sum(row.extra_macs or 0 for row in rows)
-    return Report(model, rows, tuple(example.shape), macs_before, macs_after, nesting=nesting)
+    return Report(model, rows, tuple(example.shape), macs_before, macs_after, nesting=nesting, obstacles=obstacles)
 
 
 def _row(change: Change, nodes: dict[str, fx.Node] | None = None, gm: fx.GraphModule | None = None) -> Row:
@@ -227,6 +235,7 @@ def _row(change: Change, nodes: dict[str, fx.Node] | None = None, gm: fx.GraphMo
         action=change.action,
         reason=change.reason,
         note=change.note,
+        phase_group=change.phase_group,
     )
     named = (change.node, change.input_node, change.output_node, *change.added_nodes, *change.enlarged_nodes)
     if nodes is None or not all(name in nodes for name in named):
@@ -252,6 +261,13 @@ def _row(change: Change, nodes: dict[str, fx.Node] | None = None, gm: fx.GraphMo
         extra_macs=extra_macs,
         extra_bytes=extra_bytes,
     )
+
+
+def _invariance(obstacles: dict[str, str]) -> str:
+    if not obstacles:
+        return "shift invariance: exact for circular shifts of inputs whose size every stride divides"
+    found = "; ".join(f"{target}: {why}" for target, why in obstacles.items())
+    return f"shift invariance: not exact ({found})"
 
 
 def _action(row: Row) -> str:

@@ -224,6 +224,8 @@ def _rewrite(
     context.install(root)  # only now: every graph had to see the original modules
     obstacles = _pad_circularly(working.values(), frozen) if options.circular_padding else {}
     decisions = _decisions(list(working.values()))
+    if options.polyphase or options.circular_padding:
+        obstacles = {**_equivariance_obstacles(options, decisions, working.values()), **obstacles}
     if flatten:
         warn_about_hooks(call for traced in unique for call in traced.root.walk())
         result = assemble(root, traces[True].graph, traces[False].graph)
@@ -251,6 +253,32 @@ def _pad_circularly(graph_modules: Iterable[fx.GraphModule], frozen: frozenset[i
         gm.graph.lint()
     circular.finish()
     return circular.obstacles
+
+
+def _equivariance_obstacles(
+    options: BlurOptions, decisions: list[Change], graph_modules: Iterable[fx.GraphModule]
+) -> dict[str, str]:
+    """What keeps a polyphase rewrite from exact invariance, besides padding: fixed phases, zeros, local heads."""
+    found: dict[str, str] = {}
+    for change in decisions:
+        if change.action == "skipped" or (options.polyphase and not change.action.startswith("phase")):
+            found[change.target] = f"subsamples at a fixed phase ({change.reason or change.action})"
+        elif change.note.startswith("phase group"):
+            found[change.target] = change.note
+    if options.polyphase and not options.circular_padding:
+        found["(padding)"] = "convs, pools and blurs pad with zeros or by reflection: pass circular_padding=True"
+    for gm in graph_modules:
+        for node in gm.graph.nodes:
+            module = gm.get_submodule(node.target) if node.op == "call_module" else None
+            adaptive = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d)
+            if isinstance(module, adaptive) and _not_global(module.output_size):
+                found[node.target] = f"pools to {module.output_size}, not to one value per channel"
+    return found
+
+
+def _not_global(output_size: Any) -> bool:
+    sizes = output_size if isinstance(output_size, (tuple, list)) else (output_size,)
+    return any(size not in (1, None) for size in sizes)
 
 
 def _decisions(graph_modules: list[fx.GraphModule]) -> list[Change]:

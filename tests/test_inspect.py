@@ -191,3 +191,16 @@ def test_presets_and_placement_flags(capsys):
     assert "maxpool" not in overridden and overridden["layer2.0.conv2"] == "blur_past_nonlinearity"
     densenet = actions("densenet121", "--avg-pools", "--pool-blur-last")
     assert densenet["features.transition1.pool"] == densenet["features.pool0"] == "blur_after"
+
+
+def test_polyphase_shows_phase_groups_and_invariance(capsys):
+    assert main(["resnet50", "--polyphase"]) == 0
+    out = capsys.readouterr().out
+    assert "phase group" in out and out.count("layer2.0.conv2") == 3  # its row, its group, its shortcut's group
+    assert "shift invariance: not exact ((padding): convs, pools and blurs pad with zeros" in out
+    assert main(["resnet50", "--polyphase", "--circular-padding", "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["obstacles"] == {} and {r["action"] for r in data["records"]} == {
+        "phase_before",
+        "phase_subsample_before",
+    }

@@ -48,6 +48,7 @@ from fxblur.models import build
 from fxblur.ops.depthwise import depthwise_blur
 from fxblur.ops.filters import binomial_kernel
 from fxblur.ops.max_pool import max_pool_stride_one
+from fxblur.ops.polyphase import phase_of, roll_to_phase, select_phase
 
 # ---------------------------------------------------------------- Composer-style reference
 
@@ -223,8 +224,9 @@ def micro_benchmark(args: argparse.Namespace) -> list[dict]:
     Also timed: forward + backward (with a dense gradient, as in training), the blur as
     reflect padding plus a depthwise conv (``fxblur.ops.depthwise``, the path ``fxblur.blur``
     takes where it does not take shifted views), for scale the method card's zero-padded
-    depthwise conv, and the stride-1 3x3 max pool that a pool
-    blurred after runs, PyTorch's kernel against ``fxblur.ops.max_pool``.
+    depthwise conv, the stride-1 3x3 max pool that a pool
+    blurred after runs, PyTorch's kernel against ``fxblur.ops.max_pool``, and the ops of
+    polyphase sampling (``fxblur.ops.polyphase``) at stride 2.
     """
     rows = []
     for fmt in ("nchw", "channels_last"):
@@ -248,6 +250,10 @@ def micro_benchmark(args: argparse.Namespace) -> list[dict]:
         for name, pool in (("PyTorch", lambda x: F.max_pool2d(x, 3, 1, 1)), ("fxblur", _stride_one_max_pool)):
             steps[f"max pool 3x3 s1 {name}"] = lambda x=x, pool=pool: pool(x)
             steps[f"max pool 3x3 s1 {name} fwd+bwd"] = lambda x=grad_x, pool=pool, g=g: pool(x).backward(g)
+        phase = phase_of(x, [2, 2])
+        steps["phase_of l2 s2"] = lambda x=x: phase_of(x, [2, 2])
+        steps["roll_to_phase"] = lambda x=x, phase=phase: roll_to_phase(x, phase)
+        steps["select_phase s2"] = lambda x=x, phase=phase: select_phase(x, phase, [2, 2])
         timings = interleaved(steps, "copy", args.warmup * 5, args.repeats * 4)  # the allocator settles slowly
         for name, timing in timings.items():
             rows.append({"format": fmt, "op": name, "ms": timing["ms"], "x copy": timing["ratio"]})

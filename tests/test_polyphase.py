@@ -1,0 +1,143 @@
+"""Polyphase sampling: exact invariance to circular shifts, phase groups, and the rest of fxblur's guarantees."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import fxblur
+from fxblur.changes import obstacles_of
+from support import layer_shapes
+
+PLACEMENTS = {
+    "phase_before": {},
+    "phase_after": {"blur_first": False},
+    "phase_past_nonlinearity": {"past_nonlinearity": True},
+}
+SHIFTS = [(1, 0), (0, 3), (5, 7), (-13, 2), (32, -32), (17, 31)]
+
+
+def build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kwargs = {"init_weights": False} if name == "googlenet" else {}
+        return torchvision.models.get_model(name, **kwargs).eval()
+
+
+def worst_move(model: nn.Module, x: torch.Tensor) -> tuple[float, bool]:
+    """The largest change of the logits under the circular shifts, relative to their size; and whether top-1 held."""
+    with torch.no_grad():
+        y = model(x)
+        worst, same_class = 0.0, True
+        for shift in SHIFTS:
+            moved = model(torch.roll(x, shift, (2, 3)))
+            same_class &= torch.equal(moved.argmax(1), y.argmax(1))
+            worst = max(worst, ((moved - y).abs().max() / y.abs().max()).item())
+    return worst, same_class
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large", "shufflenet_v2_x1_0"])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_logits_do_not_move_under_circular_shifts(name, placement):
+    model = build(name)
+    gm = fxblur.transform(model, polyphase=True, circular_padding=True, verbose=False, **PLACEMENTS[placement])
+    # pools take blur_first's placement; a conv with no per-channel op after it selects right after
+    assert {c.action for c in fxblur.changes(gm)} <= {
+        placement,
+        "phase_subsample_before",
+        "phase_before",
+        "phase_after",
+    }
+    assert obstacles_of(gm) == {}
+    x = torch.randn(2, 3, 64, 64)
+    moved, same_class = worst_move(gm, x)
+    assert moved <= 1e-5 and same_class
+    assert moved * 100 < worst_move(model, x)[0]  # the original moves by far more
+
+
+def test_resnet50_phase_groups_pair_each_strided_conv_with_its_shortcut():
+    gm = fxblur.transform(build("resnet50"), polyphase=True, verbose=False)
+    groups = {c.target: c.phase_group for c in fxblur.changes(gm)}
+    assert groups["conv1"] == "conv1" and groups["maxpool"] == "maxpool"
+    for n in (2, 3, 4):
+        assert groups[f"layer{n}.0.conv2"] == groups[f"layer{n}.0.downsample.0"] == f"layer{n}.0.conv2"
+    assert len(set(groups.values())) == 5
+    report = fxblur.report(gm)
+    assert "phase group" in report.table() and "layer2.0.conv2" in report.table()
+
+
+def test_the_cheap_form_chooses_a_group_phase_once_on_the_block_input():
+    gm = fxblur.transform(build("resnet18"), polyphase=True, verbose=False)
+    code = gm.layer2[0].code
+    assert code.count("phase_of(") == 1 and code.count("roll_to_phase(") == 1 and code.count("select_phase(") == 1
+    assert "phase_of(x, [2, 2], 'l2')" in code  # the block's input: conv1's and the shortcut's source
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("size", [64, 67])
+def test_every_feature_map_keeps_its_shape(placement, size):
+    model = build("googlenet")  # ceil_mode pools
+    for circular in (False, True):
+        gm = fxblur.transform(model, polyphase=True, circular_padding=circular, verbose=False, **PLACEMENTS[placement])
+        x = torch.randn(1, 3, size, size)
+        expected, got = layer_shapes(model, x), layer_shapes(gm, x)
+        assert got.keys() == expected.keys()
+        for path, shapes in expected.items():
+            for call, shape in enumerate(shapes):
+                assert got[path][call][:2] == shape[:2]
+                if placement == "phase_before":  # past the nonlinearity, enlarged maps are expected
+                    assert got[path][call] == shape, (path, call)
+
+
+def test_strides_above_two_select_among_all_their_phases():
+    model = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    for options in ({}, {"blur_first": False}):
+        gm = fxblur.transform(model, polyphase=True, circular_padding=True, verbose=False, **options)
+        assert fxblur.changes(gm)[0].action != "skipped"
+        x = torch.randn(2, 3, 32, 32)
+        assert worst_move(gm, x)[0] <= 1e-5
+
+
+def test_a_non_global_head_and_a_cropping_conv_are_named():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, stride=2, padding=1))  # the first crops
+    gm = fxblur.transform(model, polyphase=True, circular_padding=True, verbose=False)
+    assert obstacles_of(gm) == {"0": "crops its input (kernel (3, 3), stride (1, 1), padding (0, 0))"}
+    assert "crops its input" in str(fxblur.report(gm))
+
+
+def test_training_lowers_the_loss():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4)
+    gm = fxblur.transform(model, polyphase=True, circular_padding=True, verbose=False)
+    optimizer = torch.optim.Adam(gm.parameters(), lr=1e-3)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(gm(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10  # it fits the batch, as the plain model does
+    assert all(p.grad is not None for p in gm.parameters())
+
+
+@pytest.mark.parametrize("placement", ["phase_before", "phase_after"])
+def test_compile_fullgraph_and_export_match_eager(placement):
+    model = build("resnet18")
+    gm = fxblur.transform(model, polyphase=True, circular_padding=True, verbose=False, **PLACEMENTS[placement])
+    x = torch.randn(2, 3, 64, 64)
+    expected = gm(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(gm, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-5)
+    program = torch.export.export(gm, (x,))
+    torch.testing.assert_close(program.module()(x), expected, rtol=1e-4, atol=1e-5)
+    shifted = torch.roll(x, (3, 5), (2, 3))
+    torch.testing.assert_close(program.module()(shifted), expected, rtol=1e-4, atol=1e-5)  # still invariant
