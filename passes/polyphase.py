@@ -15,12 +15,13 @@ placement the options ask for (``fxblur.ops.polyphase`` holds the ops it inserts
 - ``phase_past_nonlinearity``: as ``phase_after``, selecting after the per-channel ops that
   follow the conv (the APS ResNets).
 
-A group of several ops shares one phase. In the cheap form it is chosen once on the
-group's source, the tensor all members read through stride-1 ops (a ResNet block's input);
-when every member selects after itself, it is chosen on the member that selects first (a
-ResNet block's main branch, as in the APS ResNets). A group whose phase cannot be shared
-(ops of different strides, or outputs that meet without a common source in the cheap form)
-lets each member choose its own, and its records say why invariance is lost there.
+A group of several ops shares one phase. When its first op (in graph order) selects after
+itself, the phase that op chooses on its own output is every member's (a ResNet block's
+main branch's, its shortcut selecting with it, as in the APS ResNets); when it chooses before
+itself, the phase is chosen once on the group's source, the tensor all members read through
+stride-1 ops (the block's input). A group whose phase cannot be shared (ops of different
+strides, or outputs that meet without a common source) lets each member choose its own, and
+its records say why invariance is lost there.
 
 Example:
     >>> from torch.fx.passes.infra.pass_manager import PassManager
@@ -112,15 +113,16 @@ class PolyphaseSampling(PassBase):
         for member in members:  # an op whose module cannot run at stride 1 chooses its phase before it
             if member.plan.placement in AT_STRIDE_ONE and not self._may_run_at_stride_one(member, context):
                 member.plan = Plan("blur_before", note=self._why_not_stride_one(member, context))
-        all_after = all(member.selects_after for member in members)
+        order = sorted(members, key=lambda m: _position(gm, m.plan.chain[-1] if m.plan.chain else m.op.node))
+        first_selects_after = order[0].selects_after  # then its own phase, chosen after it, is every member's
         problem = group.problem if len(members) > 1 else ""
-        if all_after and problem and not problem.startswith("its ops subsample"):
-            problem = ""  # outputs that meet without a source: the first to select chooses for all
+        if first_selects_after and problem and not problem.startswith("its ops subsample"):
+            problem = ""  # no source needed
         shared = None
-        if len(members) > 1 and not problem and not all_after:
+        if len(members) > 1 and not problem and not first_selects_after:
             shared = self._phase_at_source(gm, group, members)
         note = f"phase group {group.name}: {problem}, so its ops choose their phases apart" if problem else ""
-        for member in sorted(members, key=lambda m: _position(gm, m.plan.chain[-1] if m.plan.chain else m.op.node)):
+        for member in order:
             change, phase = self._rewrite(gm, member, shared, context)
             if len(members) > 1 and not problem:
                 shared = phase

@@ -47,11 +47,13 @@ def test_a_checkpoint_measured_through_a_subprocess(tmp_path):
     report = json.loads(result.stdout)
     assert (report["images"], report["crop_size"], report["max_shift"]) == (6, 32, 8)
     rows = {row["variant"]: row for row in report["rows"]}
-    assert list(rows) == ["original", "default", "blur-last", "past-nonlinearity", "composer", "zhang2019"]
+    blurs = ["default", "blur-last", "past-nonlinearity", "composer", "zhang2019"]
+    polyphase = ["polyphase", "polyphase-last", "polyphase-past", "aps"]
+    assert list(rows) == ["original", *blurs, *polyphase]
     assert rows["original"]["blurred"] == 0
     assert rows["original"]["consistency"] == expected.consistency
     assert rows["original"]["sensitivity"] == pytest.approx(expected.sensitivity, rel=1e-4)
-    assert all(rows[v]["blurred"] == 5 for v in rows if v != "original")
+    assert all(rows[v]["blurred"] == 5 for v in [*blurs, *polyphase])
     for row in rows.values():
         assert 0 <= row["consistency"] <= 1 and 0 <= row["accuracy"] <= 1 and 0 < row["sensitivity"] < 2
     assert len({row["sensitivity"] for row in rows.values()}) > 1  # each variant is its own model
@@ -115,3 +117,19 @@ def test_a_bare_state_dict_is_refused_with_what_to_save(tmp_path, capsys):
 def test_a_model_without_logits_fails_with_a_message(capsys):
     assert tool().main(["fcn_resnet50", *TINY, "--variants", "original"]) == 1
     assert "expected (N, classes) logits" in capsys.readouterr().err
+
+
+def test_circular_shifts_leave_a_polyphase_model_where_it_was(tmp_path):
+    model = load_script(ROOT / "examples" / "train_compare.py").SmallResNet()
+    save_checkpoint(model, SMALL, tmp_path / "small.pt")
+    result = subprocess.run(
+        [sys.executable, str(TOOL), str(tmp_path / "small.pt"), "--images", "6", "--image-size", "48",
+         "--shift", "circular", "--variants", "original", "polyphase", "--json", "--threads", "1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["shift"], report["crop_size"], report["max_shift"]) == ("circular", 32, 16)
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert rows["polyphase"]["consistency"] == 1.0 and rows["polyphase"]["sensitivity"] < 1e-6
+    assert rows["original"]["sensitivity"] > 1e-4

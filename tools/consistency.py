@@ -17,11 +17,19 @@ images (fxblur.evaluation.synthetic.SyntheticShapes, objects kept whole in every
 from 0 to image size - crop size.
 
 Variants (--variants): original, default (blur first), blur-last (blur_first=False),
-past-nonlinearity (past_nonlinearity=True), composer and zhang2019 (the presets).
+past-nonlinearity (past_nonlinearity=True), composer and zhang2019 (the presets), and
+polyphase sampling with circular padding: polyphase (phase chosen before each op),
+polyphase-last (blur_first=False), polyphase-past (past_nonlinearity=True), aps (the preset).
+
+Shifts (--shift): crop (Zhang's protocol: two crops at random diagonal offsets) or circular
+(the centred crop, rolled by the two offsets: nothing new enters the image). For circular
+shifts the crop defaults to a multiple of 32 pixels, so that every stride of a network that
+downsamples 32 times divides it (exact invariance needs that).
 
 Examples:
     python tools/consistency.py resnet18 --images 256
     python tools/consistency.py resnet50 vgg16 --images 32 --image-size 128 --crop-size 112
+    python tools/consistency.py resnet50 --shift circular --variants original default polyphase
     python tools/consistency.py run/model.pt --data ~/imagenet/val --images 1000 --plot shifts.png
     python tools/consistency.py mypackage.nets:small_cnn --min-channels 0 --json
 
@@ -49,7 +57,7 @@ from torch.utils.data import Dataset, Subset
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fxblur
 from fxblur.evaluation.checkpoints import load_checkpoint
-from fxblur.evaluation.consistency import consistency_by_shift, shift_metrics
+from fxblur.evaluation.consistency import SHIFTS, consistency_by_shift, shift_metrics
 from fxblur.evaluation.progress import ProgressBar
 from fxblur.evaluation.synthetic import SyntheticShapes
 from fxblur.models import ModelSpecError, build
@@ -61,6 +69,10 @@ VARIANTS: dict[str, dict | None] = {
     "past-nonlinearity": {"past_nonlinearity": True},
     "composer": {"preset": "composer"},
     "zhang2019": {"preset": "zhang2019"},
+    "polyphase": {"polyphase": True, "circular_padding": True},
+    "polyphase-last": {"polyphase": True, "circular_padding": True, "blur_first": False},
+    "polyphase-past": {"polyphase": True, "circular_padding": True, "past_nonlinearity": True},
+    "aps": {"preset": "aps"},
 }
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -82,10 +94,12 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--images", type=int, metavar="N", help="images to measure (default: all of DIR, or 256)")
     data.add_argument("--classes", type=int, default=6, metavar="K", help="synthetic classes, 2 to 6 (default 6)")
     data.add_argument("--image-size", type=int, metavar="S", help="default 256 for DIR, 64 for synthetic images")
-    data.add_argument("--crop-size", type=int, metavar="C", help="default 7/8 of the image size")
+    data.add_argument("--crop-size", type=int, metavar="C", help="default 7/8 of the image size (circular: a "
+                      "multiple of 32 below that)")  # fmt: skip
     run = p.add_argument_group("measurement")
     run.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="NAME",
                      help=f"any of {', '.join(VARIANTS)} (default: all)")  # fmt: skip
+    run.add_argument("--shift", choices=SHIFTS, default="crop", help="crop (default) or circular")
     run.add_argument("--min-channels", type=int, metavar="N", help="fxblur's min_channels (default 16)")
     run.add_argument("--feature-layer", metavar="NAME", help="module whose pooled output is the feature (default: "
                      "the input of the last nn.Linear)")  # fmt: skip
@@ -107,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         args.image_size = 64 if args.data is None else 256
     if args.images is None and args.data is None:
         args.images = 256
+    if args.crop_size is None and args.shift == "circular":  # a multiple of 32: every stride of most nets divides it
+        args.crop_size = max(32, args.image_size * 7 // 8 // 32 * 32)
     if args.crop_size is None:
         args.crop_size = args.image_size * 7 // 8
     if (
@@ -136,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     setting = {
         "data": str(args.data) if args.data else f"synthetic shapes ({args.classes} classes)",
         "images": len(dataset), "image_size": args.image_size, "crop_size": args.crop_size,
-        "max_shift": args.image_size - args.crop_size, "seed": args.seed,
+        "max_shift": args.image_size - args.crop_size, "shift": args.shift, "seed": args.seed,
         "features": f"output of {args.feature_layer}, pooled" if args.feature_layer else "input of the last nn.Linear",
     }  # fmt: skip
     if pyplot is not None:
@@ -203,14 +219,14 @@ def _measure(spec: str, dataset: Dataset, args: argparse.Namespace) -> list[dict
         with ProgressBar(len(dataset), f"{spec} {variant}", stream=stream) as bar:
             metrics = shift_metrics(
                 model, dataset, args.crop_size, seed=args.seed, batch_size=args.batch_size,
-                feature_layer=args.feature_layer, progress=bar.update,
+                feature_layer=args.feature_layer, progress=bar.update, shift=args.shift,
             )  # fmt: skip
         row = {"model": spec, "variant": variant, "blurred": blurred, **dataclasses.asdict(metrics)}
         row["seconds"] = round(time.perf_counter() - start, 2)
         if args.plot:
             with ProgressBar(len(dataset), f"{spec} {variant} by shift", stream=stream) as bar:
                 by_shift = consistency_by_shift(
-                    model, dataset, args.crop_size, batch_size=args.batch_size, progress=bar.update
+                    model, dataset, args.crop_size, batch_size=args.batch_size, progress=bar.update, shift=args.shift
                 )
             row["consistency_by_shift"] = by_shift
         rows.append(row)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import gc
 import json
@@ -61,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx as fx
 from tabulate import tabulate
 from torch import nn
 from torch.utils._pytree import tree_leaves
@@ -264,6 +266,7 @@ class Original:
     device: torch.device
     shapes: dict[tuple[int, ...], Shapes]
     notes: list[str]
+    untraceable: dict[str, str] | None = None  # filled by why_untraceable
 
 
 def run_original(case: Case) -> Original:
@@ -381,7 +384,61 @@ def count_reasons(reasons: Iterable[str]) -> str:
     return "; ".join(f"{n}x {reason}" if n > 1 else reason for reason, n in Counter(reasons).most_common())
 
 
-def classify(result: nn.Module, original: nn.Module, mismatch: str | None) -> tuple[str, str, dict[str, Any]]:
+class _RegisteredLeavesTracer(fx.Tracer):
+    """A plain torch.fx tracer with the leaf modules and autowrapped functions a library registered."""
+
+    def __init__(self, leaves: tuple[type, ...], functions: tuple[Callable, ...]) -> None:
+        super().__init__(autowrap_functions=functions)
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, module_qualified_name)
+
+
+def timm_fx_verdict(model: nn.Module) -> str:
+    """Whether timm's own torch.fx registrations trace ``model`` whole.
+
+    Those are the leaf modules and autowrapped functions timm registers for its feature
+    extraction (``timm.layers.get_notrace_modules``, ``get_notrace_functions``).
+    """
+    from timm.layers import get_notrace_functions, get_notrace_modules
+
+    leaves = tuple(get_notrace_modules())
+    functions = tuple(f for f in get_notrace_functions() if callable(f))
+    used = sorted({type(m).__name__ for m in model.modules() if isinstance(m, leaves)})
+    error: Exception | None = None
+    for label, wrapped in (("leaf modules", ()), ("leaf modules and autowrapped functions", functions)):
+        try:
+            _RegisteredLeavesTracer(leaves, wrapped).trace(copy.deepcopy(model))
+        except Exception as failure:
+            error = failure
+            continue
+        return f"traces whole with timm's registered {label}" + (f" (leaves here: {', '.join(used)})" if used else "")
+    return f"timm's registrations do not make it traceable: {short_paths(first_line(error))}"
+
+
+def short_paths(text: str) -> str:
+    """``text`` with installed-package paths cut to the package: ``.../site-packages/timm/x.py`` -> ``timm/x.py``."""
+    return re.sub(r"/\S*?/(site|dist)-packages/", "", text)
+
+
+def why_untraceable(original: Original) -> dict[str, str]:
+    """Why torch.fx cannot trace the model whole (fxblur's strict error) and what timm's own tracer makes of it."""
+    if original.untraceable is None:
+        found = {}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fxblur.transform(original.model, verbose=False)
+        except Exception as error:
+            found["trace_error"] = short_paths(str(error).splitlines()[0]).replace("fxblur could not trace ", "")
+        if timm_available() and any(type(m).__module__.startswith("timm.") for m in original.model.modules()):
+            found["timm_fx"] = timm_fx_verdict(original.model)
+        original.untraceable = found
+    return original.untraceable
+
+
+def classify(result: nn.Module, original: Original, mismatch: str | None) -> tuple[str, str, dict[str, Any]]:
     """(status, notes, details) of a rewrite whose every shape was checked (``mismatch``: the first difference)."""
     decisions = fxblur.changes(result)
     parts = fxblur.report(result).parts
@@ -396,17 +453,23 @@ def classify(result: nn.Module, original: nn.Module, mismatch: str | None) -> tu
         "untraced": [] if parts is None else [dataclasses.asdict(u) for u in parts.untraced],
         "rewritten_parts": None if parts is None else list(parts.rewritten),
     }
-    twice = reblurred(result, original)
+    twice = reblurred(result, original.model)
     if mismatch or twice:
         details["error"] = f"shape mismatch at {mismatch}" if mismatch else f"blurred again inside {', '.join(twice)}"
         return "failed", details["error"], details
     notes = []
     if parts is not None:
-        notes.append("untraced: " + ", ".join(f"{u.path or '(root)'} ({u.module})" for u in parts.untraced))
+        details.update(why_untraceable(original))
+        if parts.untraced:
+            notes.append("untraced: " + ", ".join(f"{u.path or '(root)'} ({u.module})" for u in parts.untraced))
+        notes += [
+            f"untraceable: {details['trace_error']}" if "trace_error" in details else "",
+            details.get("timm_fx", ""),
+        ]
     if skipped:
         notes.append("skipped: " + count_reasons(c.reason for c in skipped))
     if parts is not None:
-        return "partial", "; ".join(notes), details
+        return "partial", "; ".join(filter(None, notes)), details
     if skipped:
         return "skipped ops", "; ".join(notes), details
     if all(c.action == "skipped" for c in decisions):
@@ -442,7 +505,7 @@ def check_placement(case: Case, original: Original, placement: str) -> Result:
             if difference:
                 mismatch = f"{difference} at input {'x'.join(map(str, size[2:]))}"
                 break
-        result.status, notes, result.details = classify(rewritten, original.model, mismatch)
+        result.status, notes, result.details = classify(rewritten, original, mismatch)
         if inlined:
             result.details["inlined"] = inlined
             notes += ("; " if notes else "") + "inlined: " + ", ".join(f"{p} ({why})" for p, why in inlined.items())

@@ -17,6 +17,12 @@ content shifted by ``d2 - d1`` pixels along both axes. Then:
 ``consistency_by_shift`` runs every offset on every image instead and gives consistency as
 a function of the shift ``d2 - d1``, averaged over every pair of offsets that far apart.
 
+``shift="circular"`` measures circular shifts instead: the centred crop of every image,
+rolled by ``d1`` and by ``d2`` (``fxblur.evaluation.shifts.diagonal_rolls``), over the same
+range of offsets. A network made exactly invariant by polyphase sampling scores 100% and a
+sensitivity of 0 (to float rounding) there, as the crop protocol's new border content
+cannot allow.
+
 All of it runs batched, under ``torch.no_grad``, with the model in eval mode (its own
 train/eval modes are restored afterwards), on the device of the model's parameters; the
 offsets come from ``seed``, so a run is repeatable.
@@ -44,7 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fxblur.evaluation.features import penultimate_features
-from fxblur.evaluation.shifts import diagonal_crops, max_shift, offset_pairs
+from fxblur.evaluation.shifts import diagonal_crops, diagonal_rolls, max_shift, offset_pairs
 
 Progress = Callable[[int], None]
 """Called after each batch with the number of images it held."""
@@ -69,6 +75,7 @@ def shift_metrics(
     batch_size: int = 64,
     feature_layer: str | None = None,
     progress: Progress | None = None,
+    shift: str = "crop",
 ) -> ShiftMetrics:
     """Consistency, accuracy and feature sensitivity of ``model`` under random diagonal shifts.
 
@@ -83,6 +90,7 @@ def shift_metrics(
         feature_layer: module whose output, averaged over space, is the feature vector;
             ``None`` for the input of the last ``nn.Linear``.
         progress: called with the number of images after every batch.
+        shift: ``"crop"`` (two crops at the offsets) or ``"circular"`` (the centred crop, rolled).
 
     Raises:
         ValueError: crops that do not fit, a model that does not return (N, classes)
@@ -91,6 +99,7 @@ def shift_metrics(
     count = len(dataset)
     if count == 0:
         raise ValueError("the dataset is empty")
+    _check_shift(shift)
     agree = correct = 0
     distance = 0.0
     pairs = None
@@ -99,7 +108,7 @@ def shift_metrics(
             if pairs is None:
                 pairs = offset_pairs(count, max_shift(images.shape, crop_size), seed)
             offsets = pairs[start : start + len(images)]
-            crops = torch.cat([diagonal_crops(images, offsets[:, i], crop_size) for i in (0, 1)])
+            crops = torch.cat([_views(images, offsets[:, i], crop_size, shift) for i in (0, 1)])
             predicted = _logits(model, crops.to(device)).argmax(1).cpu()
             first, second = features.take().chunk(2)
             agree += int((predicted[: len(images)] == predicted[len(images) :]).sum())
@@ -111,7 +120,13 @@ def shift_metrics(
 
 
 def consistency_by_shift(
-    model: nn.Module, dataset: Dataset, crop_size: int, *, batch_size: int = 64, progress: Progress | None = None
+    model: nn.Module,
+    dataset: Dataset,
+    crop_size: int,
+    *,
+    batch_size: int = 64,
+    progress: Progress | None = None,
+    shift: str = "crop",
 ) -> dict[int, float]:
     """Consistency for each diagonal shift from 1 to ``max_shift``, over every pair of offsets.
 
@@ -128,14 +143,15 @@ def consistency_by_shift(
         >>> consistency_by_shift(Pixel(), data, crop_size=4)
         {1: 0.0, 2: 1.0, 3: 0.0, 4: 1.0}
     """
+    _check_shift(shift)
     agree: dict[int, int] = {}
     pairs: dict[int, int] = {}
     with _evaluating(model) as device:
         for _, images, _ in _batches(dataset, batch_size):
             shifts = max_shift(images.shape, crop_size)
+            offsets = [torch.full((len(images),), d) for d in range(shifts + 1)]
             predicted = torch.stack([
-                _logits(model, images[..., d : d + crop_size, d : d + crop_size].to(device)).argmax(1).cpu()
-                for d in range(shifts + 1)
+                _logits(model, _views(images, d, crop_size, shift).to(device)).argmax(1).cpu() for d in offsets
             ])  # fmt: skip
             for shift in range(1, shifts + 1):
                 same = predicted[shift:] == predicted[:-shift]
@@ -144,6 +160,22 @@ def consistency_by_shift(
             if progress is not None:
                 progress(len(images))
     return {shift: agree[shift] / pairs[shift] for shift in sorted(pairs)}
+
+
+SHIFTS = ("crop", "circular")
+
+
+def _check_shift(shift: str) -> None:
+    if shift not in SHIFTS:
+        raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
+
+
+def _views(images: torch.Tensor, offsets: torch.Tensor, crop_size: int, shift: str) -> torch.Tensor:
+    """The shifted views the model sees: crops at ``offsets``, or the centred crop rolled by them."""
+    if shift == "crop":
+        return diagonal_crops(images, offsets, crop_size)
+    centre = torch.full_like(offsets, max_shift(images.shape, crop_size) // 2)
+    return diagonal_rolls(diagonal_crops(images, centre, crop_size), offsets)
 
 
 @contextlib.contextmanager
