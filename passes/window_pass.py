@@ -39,6 +39,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from fxblur.changes import Change, record
 from fxblur.ops.blur_module import Blur
 from fxblur.ops.blurred import BLURRED, BlurredOp, make_blurred
+from fxblur.ops.polyphase import roll_to_phase, select_phase
 from fxblur.options import BlurOptions
 from fxblur.rewrite.calls import STRIDED_AS, call_of, place, redirect
 from fxblur.rewrite.cloning import share_tensors
@@ -154,6 +155,8 @@ class WindowOpPass(PassBase):
             return f"excluded by {pattern!r}"
         if isinstance(op.module, BlurredOp) or _is_blurred_before(op, gm):
             return "already blurred"
+        if op.input.op == "call_function" and op.input.target in (roll_to_phase, select_phase):
+            return "already subsampled by polyphase sampling"
         if op.custom_forward:
             return f"{type(op.module).__name__} overrides forward"
         return ""

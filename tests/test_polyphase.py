@@ -141,3 +141,13 @@ def test_compile_fullgraph_and_export_match_eager(placement):
     torch.testing.assert_close(program.module()(x), expected, rtol=1e-4, atol=1e-5)
     shifted = torch.roll(x, (3, 5), (2, 3))
     torch.testing.assert_close(program.module()(shifted), expected, rtol=1e-4, atol=1e-5)  # still invariant
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_transforming_again_changes_nothing(placement):
+    options = {"polyphase": True, **PLACEMENTS[placement]}
+    once = fxblur.transform(build("resnet18"), verbose=False, **options)
+    with pytest.warns(fxblur.NoEffectWarning):
+        twice = fxblur.transform(once, verbose=False, **options)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(twice(x), once(x))

@@ -10,6 +10,8 @@ Variants:
     fxblur         fxblur.transform with default options (blur before strided ops)
     fxblur-after   blur_first=False
     fxblur-paper   preset="zhang2019" (the paper's placement)
+    polyphase      polyphase=True: the phase chosen on each op's input, the input rolled (the cheap form)
+    polyphase-after  polyphase=True, blur_first=False: ops at stride 1, blurred, then selected (APS as published)
     composer       a Composer-style BlurPool implemented here from its method card: a
                    depthwise 3x3 binomial F.conv2d (zero padding) before every strided
                    conv with >= 16 input channels (after it, with --blur-last), max pools
@@ -21,6 +23,8 @@ Usage:
     python tools/bench.py --compile                    # also under torch.compile
     python tools/bench.py --micro                      # the blur op alone against a copy
     python tools/bench.py --transform-time             # fxblur.transform itself
+    python tools/bench.py --variants plain polyphase polyphase-after --modes train --formats nchw
+    python tools/bench.py --device cuda --amp          # on a GPU, under autocast
     python tools/bench.py --json                       # machine-readable
 """
 
@@ -128,30 +132,50 @@ def _variants(name: str, blur_last: bool) -> dict[str, Callable[[], nn.Module]]:
         "fxblur": lambda: fxblur.transform(fresh(), verbose=False),
         "fxblur-after": lambda: fxblur.transform(fresh(), blur_first=False, verbose=False),
         "fxblur-paper": lambda: fxblur.transform(fresh(), preset="zhang2019", verbose=False),
+        "polyphase": lambda: fxblur.transform(fresh(), polyphase=True, verbose=False),
+        "polyphase-after": lambda: fxblur.transform(fresh(), polyphase=True, blur_first=False, verbose=False),
         "composer": lambda: composer_blurpool(fresh(), blur_first=not blur_last),
     }
 
 
-def _step(model: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
+VARIANTS = ["plain", "fxblur", "fxblur-after", "fxblur-paper", "polyphase", "polyphase-after", "composer"]
+
+
+def _step(model: nn.Module, x: torch.Tensor, mode: str, amp: bool) -> Callable[[], None]:
+    """One inference or train step of ``model``, waiting for the device; under autocast with ``amp``."""
+    device = x.device.type
+    autocast = functools.partial(torch.autocast, device, enabled=amp, dtype=AMP_DTYPES[device])
     if mode == "inference":
         model.eval()
 
         def run() -> None:
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 model(x)
+            _synchronize(device)
 
         return run
     model.train()
-    target = torch.zeros(x.shape[0], dtype=torch.long)
+    target = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
 
     def step() -> None:
         for p in model.parameters():
             p.grad = None
-        out = model(x)
-        logits = out if isinstance(out, torch.Tensor) else out[0]
-        F.cross_entropy(logits.flatten(1), target).backward()
+        with autocast():
+            out = model(x)
+            logits = out if isinstance(out, torch.Tensor) else out[0]
+            loss = F.cross_entropy(logits.flatten(1), target)
+        loss.backward()
+        _synchronize(device)
 
     return step
+
+
+AMP_DTYPES = {"cpu": torch.bfloat16, "cuda": torch.float16}
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def interleaved(steps: dict[str, Callable[[], None]], baseline: str, warmup: int, repeats: int) -> dict[str, dict]:
@@ -187,22 +211,22 @@ def model_benchmark(args: argparse.Namespace) -> list[dict]:
     shape = (args.batch_size, 3, args.image_size, args.image_size)
     for fmt in args.formats:
         memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
-        x = torch.randn(shape).contiguous(memory_format=memory_format)
+        x = torch.randn(shape, device=args.device).contiguous(memory_format=memory_format)
         for compiled in [False, True] if args.compile else [False]:
             models, differences = {}, {}
             for variant, make in _variants(args.model, args.blur_last).items():
                 if variant in args.variants:
-                    model = make().to(memory_format=memory_format)
+                    model = make().to(device=args.device, memory_format=memory_format)
                     models[variant] = torch.compile(model) if compiled else model
                     if compiled:
                         differences[variant] = _max_difference(models[variant], model, x)
             for mode in args.modes:
-                steps = {variant: _step(model, x, mode) for variant, model in models.items()}
+                steps = {variant: _step(model, x, mode, args.amp) for variant, model in models.items()}
                 timings = interleaved(steps, "plain", args.warmup, args.repeats)
                 for variant, timing in timings.items():
                     rows.append({
-                        "model": args.model, "mode": mode, "format": fmt, "compiled": compiled, "variant": variant,
-                        **timing, DIFFERENCE: differences.get(variant),
+                        "model": args.model, "device": args.device, "amp": args.amp, "mode": mode, "format": fmt,
+                        "compiled": compiled, "variant": variant, **timing, DIFFERENCE: differences.get(variant),
                     })  # fmt: skip
     return rows
 
@@ -282,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--modes", nargs="+", default=["train", "inference"], choices=["train", "inference"])
     p.add_argument("--formats", nargs="+", default=["nchw", "channels_last"], choices=["nchw", "channels_last"])
-    p.add_argument("--variants", nargs="+", default=["plain", "fxblur", "fxblur-after", "composer"],
-                   choices=["plain", "fxblur", "fxblur-after", "fxblur-paper", "composer"])  # fmt: skip
+    p.add_argument("--variants", nargs="+", default=["plain", "fxblur", "fxblur-after", "composer"], choices=VARIANTS)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the models run (default cpu)")
+    p.add_argument("--amp", action="store_true", help="autocast: bfloat16 on cpu, float16 on cuda")
     p.add_argument("--blur-last", action="store_true", help="the composer reference blurs after convs")
     p.add_argument("--compile", action="store_true", help="also time every variant under torch.compile")
     p.add_argument("--micro", action="store_true", help="only the blur op against a copy")
@@ -295,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if "plain" not in args.variants:
         args.variants.insert(0, "plain")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda needs a CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
     steady_allocator()
@@ -305,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows = model_benchmark(args)
     env = {"torch": torch.__version__, "torchvision": torchvision.__version__, "threads": torch.get_num_threads()}
+    if args.device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
     if args.json:
         print(json.dumps({"environment": env, "rows": rows}, indent=2))
     else:

@@ -9,7 +9,7 @@ hooks on both record the output shape of every module call, keyed by module path
 number: the result keeps the original's module hierarchy, so the same paths are called and
 must return the same shapes. Only the calls a rewrite moved to full resolution may grow (an
 op run at stride 1 before the blur that subsamples, and the BatchNorm/activation chain the
-blur moved past: ``Change.enlarged_nodes``).
+blur moved past: ``Change.enlarged_nodes``), and the modules that return their very output.
 
 Each model and placement gets one status:
 
@@ -27,7 +27,8 @@ Each model and placement gets one status:
 
 timm models: the first model each file under timm/models/ registers (timm's registry keeps
 them in registration order), except where that one is very large (OVERRIDES); --list shows
-the choice. Torchvision models (--torchvision): classification, segmentation and video.
+the choice. Torchvision models (--torchvision): classification, segmentation and video;
+--files picks timm files and torchvision tasks alike (--files resnet video).
 
 Examples:
     python tools/zoo.py                                   # every timm file, default + blur_after
@@ -55,6 +56,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -70,7 +72,7 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fxblur
 from fxblur.changes import flat_graph_module
-from fxblur.models import build, timm_available, torchvision_names
+from fxblur.models import build, suggestions, timm_available, torchvision_names
 
 PLACEMENTS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -87,7 +89,7 @@ VIDEO_INPUT = (3, 16, 224, 224)
 OVERRIDES = {"eva": "eva02_tiny_patch14_224"}
 
 # Layers that already anti-alias: fxblur must never blur inside them (DESIGN.md).
-ANTI_ALIASING = re.compile(r"BlurPool|MaxBlurPool|BlurMaxPool")
+ANTI_ALIASING = re.compile(r"BlurPool|BlurMaxPool|BlurConv")
 
 
 @dataclass(frozen=True)
@@ -164,28 +166,45 @@ def torchvision_case(name: str, task: str) -> Case:
 def select_cases(
     files: Iterable[str] | None = None, models: Iterable[str] | None = None, torchvision: bool = False
 ) -> list[Case]:
-    """The cases to survey: ``models`` by name (timm or torchvision), else one per timm file."""
+    """The cases to survey: ``models`` by name (timm or torchvision), else one per timm file.
+
+    ``torchvision`` adds the torchvision zoo. ``files`` keeps only the named timm files
+    (``resnet``) and torchvision tasks (``classification``, ``segmentation``, ``video``; naming
+    one implies ``torchvision``).
+
+    Raises:
+        ValueError: an unknown model, file or task.
+    """
     tv_task = {name: task for task in TORCHVISION_TASKS for name in torchvision_names()[task]}
     if models:
-        cases = []
-        for name in models:
-            if name in tv_task:
-                cases.append(torchvision_case(name, tv_task[name]))
-            elif timm_available():
-                cases.append(timm_case(name))
-            else:
-                raise SystemExit(f"unknown model {name!r} (timm is not installed)")
-        return cases
-    cases = []
-    if timm_available():
-        firsts = timm_first_models()
-        unknown = set(files or ()) - firsts.keys()
+        unknown = [name for name in models if name not in tv_task and not is_timm_model(name)]
         if unknown:
-            raise SystemExit(f"no timm model file named {', '.join(sorted(unknown))} (see --list)")
-        cases = [timm_case(name) for module, name in firsts.items() if not files or module in files]
-    if torchvision:
-        cases += [torchvision_case(name, task) for name, task in tv_task.items()]
+            hints = {
+                hint.removeprefix("timm:")
+                for name in unknown
+                for hint in suggestions(f"timm:{name}") + suggestions(name)
+            }
+            raise ValueError(
+                f"unknown model {', '.join(unknown)}" + (f"; close: {', '.join(sorted(hints))}" if hints else "")
+            )
+        return [torchvision_case(name, tv_task[name]) if name in tv_task else timm_case(name) for name in models]
+    files = set(files or ())
+    firsts = timm_first_models() if timm_available() else {}
+    unknown = files - firsts.keys() - set(TORCHVISION_TASKS)
+    if unknown:
+        raise ValueError(f"no timm model file or torchvision task named {', '.join(sorted(unknown))} (see --list)")
+    cases = [timm_case(name) for module, name in firsts.items() if not files or module in files]
+    if torchvision or files & set(TORCHVISION_TASKS):
+        cases += [torchvision_case(name, task) for name, task in tv_task.items() if not files or task in files]
     return cases
+
+
+def is_timm_model(name: str) -> bool:
+    if not timm_available():
+        return False
+    import timm
+
+    return timm.is_model(name)
 
 
 # ---------------------------------------------------------------- running a model
@@ -220,13 +239,20 @@ def device_of(model: nn.Module) -> torch.device:
 Shapes = dict[str, list[Any]]
 
 
-def module_shapes(model: nn.Module, x: torch.Tensor, paths: Iterable[str] | None = None) -> Shapes:
+def module_shapes(
+    model: nn.Module, x: torch.Tensor, paths: Iterable[str] | None = None, enlarged: set[tuple[str, int]] | None = None
+) -> Shapes:
     """Output shape of every module call, per module path, in order of first call.
 
     A call that returns one tensor gives its shape, one that returns several a tuple of
     shapes, one that returns no tensor ``None``. ``paths`` limits the hooks to those modules.
+
+    ``enlarged`` holds the (path, call number) of calls that compute at full resolution;
+    every call that returns the very tensor one of them computed (a ``Sequential`` whose
+    last module was moved to stride 1, an in-place activation) is added to it.
     """
     shapes: Shapes = {}
+    full_resolution: list[weakref.ref] = []
     modules = dict(model.named_modules())
     wanted = modules if paths is None else {path: modules[path] for path in paths if path in modules}
 
@@ -236,7 +262,13 @@ def module_shapes(model: nn.Module, x: torch.Tensor, paths: Iterable[str] | None
         else:
             leaves = [tuple(leaf.shape) for leaf in tree_leaves(output) if isinstance(leaf, torch.Tensor)]
             shape = tuple(leaves) if leaves else None
-        shapes.setdefault(path, []).append(shape)
+        call = (path, len(shapes.setdefault(path, [])))
+        shapes[path].append(shape)
+        if enlarged is not None and isinstance(output, torch.Tensor):
+            if call in enlarged:
+                full_resolution.append(weakref.ref(output))
+            elif any(ref() is output for ref in full_resolution):
+                enlarged.add(call)
 
     handles = [m.register_forward_hook(lambda m, a, o, path=path: hook(m, a, o, path)) for path, m in wanted.items()]
     try:
@@ -500,7 +532,7 @@ def check_placement(case: Case, original: Original, placement: str) -> Result:
         inlined = inlined_modules(rewritten)
         mismatch = None
         for size, expected in original.shapes.items():
-            got = module_shapes(rewritten, torch.zeros(size, device=original.device), expected)
+            got = module_shapes(rewritten, torch.zeros(size, device=original.device), expected, enlarged)
             difference = first_difference(expected, got, enlarged, inlined)
             if difference:
                 mismatch = f"{difference} at input {'x'.join(map(str, size[2:]))}"
@@ -594,9 +626,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--models", nargs="+", metavar="NAME", help="timm or torchvision model names (instead of one per file)"
     )
-    p.add_argument("--files", nargs="+", metavar="FILE", help="timm model files, e.g. resnet convnext (default: all)")
+    p.add_argument(
+        "--files", nargs="+", metavar="FILE", help="timm model files (resnet convnext) or torchvision tasks (video)"
+    )
     p.add_argument("--torchvision", action="store_true", help="also survey the torchvision zoo")
-    p.add_argument("--placements", nargs="+", choices=PLACEMENTS, default=["default", "blur_after"])
+    p.add_argument(
+        "--placements",
+        nargs="+",
+        choices=PLACEMENTS,
+        default=["default", "blur_after"],
+        metavar="PLACEMENT",
+        help=f"any of {', '.join(PLACEMENTS)} (default: default blur_after)",
+    )
     p.add_argument("--limit", type=int, metavar="N", help="only the first N models")
     p.add_argument("--timeout", type=float, default=300, metavar="S", help="seconds per model (default 300; 0: none)")
     p.add_argument("--list", action="store_true", help="only show which model each file stands for")
@@ -607,7 +648,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    cases = select_cases(args.files, args.models, args.torchvision)[: args.limit]
+    try:
+        cases = select_cases(args.files, args.models, args.torchvision)[: args.limit]
+    except ValueError as error:
+        parser().error(str(error))
     if args.list:
         print(
             tabulate([(c.source, c.name, "x".join(map(str, c.input_size))) for c in cases], ["file", "model", "input"])

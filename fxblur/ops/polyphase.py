@@ -65,6 +65,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx
 from torch import Tensor
@@ -112,10 +114,35 @@ def roll_to_phase(x: Tensor, phase: Tensor) -> Tensor:
                 [[7., 4., 5., 6.]]])
     """
     _check_phase(x, phase)
-    return _read_grid(x, phase, [1] * phase.shape[1])
+    if torch.jit.is_scripting():  # TorchScript compiles only this branch
+        return _read_grid(x, phase, [1] * phase.shape[1])
+    else:
+        return _Roll.apply(x, phase)
 
 
 torch.fx.wrap("roll_to_phase")
+
+
+class _Roll(torch.autograd.Function):
+    """A per-sample roll is a permutation: its adjoint is the roll back, one gather too (autograd's is a scatter)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, phase: Tensor) -> Tensor:
+        return _read_grid(x, phase, [1] * phase.shape[1])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        ctx.phase = inputs[1]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _Roll.apply(grad, -ctx.phase), None
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor, _: Any) -> Tensor:
+        return _Roll.apply(tangent, ctx.phase)
 
 
 def select_phase(x: Tensor, phase: Tensor, stride: list[int]) -> Tensor:
