@@ -11,6 +11,7 @@ from fxblur.changes import Change, changes
 from fxblur.ops.blur import blur
 from fxblur.ops.blur_module import Blur
 from fxblur.report import Report, report
+from fxblur.rewrite.known_layers import trust_forward
 from fxblur.rewrite.tracer import BlurTracer, UntraceableModelError
 from fxblur.transform import NoEffectWarning, transform
 
@@ -25,4 +26,5 @@ __all__ = [
     "changes",
     "report",
     "transform",
+    "trust_forward",
 ]

@@ -17,15 +17,22 @@ from torch.fx.passes.infra.pass_manager import PassManager
 
 from fxblur.changes import Change, changes, recorded, store, store_flat_graphs, store_obstacles
 from fxblur.options import BlurOptions, resolve
-from fxblur.passes import BlurAvgPools, BlurMaxPools, BlurStridedConvs, CircularPadding, PolyphaseSampling
-from fxblur.passes.window_pass import RewriteContext
+from fxblur.passes import (
+    BlurAvgPools,
+    BlurMaxPools,
+    BlurStridedConvs,
+    CircularPadding,
+    PolyphaseSampling,
+    RecordAntiAliasing,
+)
+from fxblur.passes.window_pass import RewriteContext, skipped_outside_graph
 from fxblur.report import report
 from fxblur.rewrite.calls import SITE, forget_calls, name_sites
 from fxblur.rewrite.cloning import share_tensors
 from fxblur.rewrite.graph_module import assemble, graph_module_over, working_module
 from fxblur.rewrite.nesting import ModeGraph, changed_calls, nest, snapshot, store_nesting, warn_about_hooks
 from fxblur.rewrite.partial import parts_of, rewrite_parts
-from fxblur.rewrite.tracer import BlurTracer, Traced, UntraceableModelError, trace
+from fxblur.rewrite.tracer import Traced, UntraceableModelError, trace
 
 
 class NoEffectWarning(UserWarning):
@@ -205,7 +212,7 @@ def _rewrite(
     unique = list({id(traced): traced for traced in (traces[root.training], traces[not root.training])}.values())
     working = {id(traced): working_module(root, traced.graph) for traced in unique}
     before = {id(traced): snapshot(traced.graph) for traced in unique}
-    frozen = _frozen_modules(root, leaf_modules) | reached
+    frozen = _frozen_modules(root, unique) | reached
     context = RewriteContext(working.values(), frozen, scope)
     kinds = (
         (options.replace_convs, BlurStridedConvs),
@@ -215,6 +222,7 @@ def _rewrite(
     passes = [make(options, context) for wanted, make in kinds if wanted]
     if options.polyphase:
         passes = [PolyphaseSampling(options, context, passes)]
+    passes.append(RecordAntiAliasing())
     for gm in working.values():  # the current mode's graph first
         try:
             PassManager(passes)(gm)
@@ -223,7 +231,7 @@ def _rewrite(
         gm.graph.lint()
     context.install(root)  # only now: every graph had to see the original modules
     obstacles = _pad_circularly(working.values(), frozen) if options.circular_padding else {}
-    decisions = _decisions(list(working.values()))
+    decisions = _decisions(list(working.values())) + _inside_leaves(root, unique)
     if options.polyphase or options.circular_padding:
         obstacles = {**_equivariance_obstacles(options, decisions, working.values()), **obstacles}
     if flatten:
@@ -292,14 +300,22 @@ def _decisions(graph_modules: list[fx.GraphModule]) -> list[Change]:
     return sorted(decisions.values(), key=lambda change: order.get(change.node, len(order)))
 
 
-def _frozen_modules(root: nn.Module, leaf_modules: tuple) -> frozenset[int]:
-    """The modules inside the user's leaf modules: their code calls them, so they must not change."""
-    tracer = BlurTracer(leaf_modules)
-    frozen: set[int] = set()
-    for path, module in root.named_modules():
-        if path in tracer.leaf_paths or isinstance(module, tracer.user_leaf_classes):
-            frozen.update(id(sub) for sub in module.modules())
-    return frozenset(frozen)
+def _frozen_modules(root: nn.Module, traces: Iterable[Traced]) -> frozenset[int]:
+    """The modules inside leaf modules the graphs call: their code calls them, so they must not change."""
+    leaves = {path for traced in traces for path in traced.leaves}
+    return frozenset(id(sub) for path in leaves for sub in root.get_submodule(path).modules())
+
+
+def _inside_leaves(root: nn.Module, traces: Iterable[Traced]) -> list[Change]:
+    """A skipped record for every strided conv or pool inside a leaf module: code fxblur does not see calls it."""
+    found = []
+    for leaf in sorted({path for traced in traces for path in traced.leaves}):
+        why = f"inside {leaf} ({type(root.get_submodule(leaf)).__name__}), which is called whole"
+        for path, module in root.get_submodule(leaf).named_modules():
+            record = skipped_outside_graph(module, f"{leaf}.{path}", why) if path else None
+            if record is not None:
+                found.append(record)
+    return found
 
 
 def _trace_each_mode(root: nn.Module, leaf_modules: tuple, concrete_args: dict | None) -> dict[bool, Traced]:

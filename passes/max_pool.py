@@ -53,6 +53,8 @@ class BlurMaxPools(WindowOpPass):
             op.node.args = (op.input, list(op.kernel_size), list(op.padding), list(op.dilation))
             op.node.kwargs = {}
             op.node.meta["is_wrapped"] = True
+        elif op.custom_forward:  # a subclass pads in its own forward (timm's MaxPool2dSame): keep it, at stride 1
+            added = (*added, *super().run_at_stride_one(gm, op, context))
         else:
             context.replace(op.target, op.module, lambda: stride_one_max_pool(op.module))
         return added

@@ -43,7 +43,8 @@ from fxblur.ops.polyphase import roll_to_phase, select_phase
 from fxblur.options import BlurOptions
 from fxblur.rewrite.calls import STRIDED_AS, call_of, place, redirect
 from fxblur.rewrite.cloning import share_tensors
-from fxblur.rewrite.window_ops import WindowOp, read_window_op, set_call_argument
+from fxblur.rewrite.known_layers import anti_aliasing, trusts_forward
+from fxblur.rewrite.window_ops import MODULES, WindowOp, read_window_op, set_call_argument
 
 BLUR_CONTAINER = "fxblur"
 
@@ -132,16 +133,28 @@ class WindowOpPass(PassBase):
             if not plan.placement:
                 record(graph_module, change_record(op, "skipped", plan.reason))
                 continue
-            record(graph_module, self._rewrite(graph_module, op, plan, context))
+            change = self._rewrite(graph_module, op, plan, context)
+            record(graph_module, dataclasses.replace(change, note=plan.note or change.note))
             modified = True
         if own_context:
             context.install(graph_module)
         return PassResult(graph_module, modified)
 
     def plan(self, op: WindowOp, gm: fx.GraphModule) -> Plan:
-        """Skip ``op`` (with the reason) or choose its placement."""
+        """Skip ``op`` (with the reason) or choose its placement.
+
+        An op whose module has a ``forward`` of its own that fxblur does not know to honour
+        its ``stride`` is blurred before (that needs nothing from its ``forward``).
+        """
         reason = self.skip_reason(op, gm)
-        return Plan(reason=reason) if reason else Plan(self.placement(op))
+        if reason:
+            return Plan(reason=reason)
+        placement = self.placement(op)
+        if placement != "blur_before" and op.custom_forward and not trusts_forward(type(op.module)):
+            name = type(op.module).__name__
+            why = f"{name} has a forward of its own; fxblur.trust_forward({name}) allows {placement}"
+            return Plan("blur_before", note=why)
+        return Plan(placement)
 
     def placement(self, op: WindowOp) -> str:
         """The rewrite for ``op``: the name of one of this pass's rewrite methods."""
@@ -157,8 +170,9 @@ class WindowOpPass(PassBase):
             return "already blurred"
         if op.input.op == "call_function" and op.input.target in (roll_to_phase, select_phase):
             return "already subsampled by polyphase sampling"
-        if op.custom_forward:
-            return f"{type(op.module).__name__} overrides forward"
+        layer = _anti_aliasing_before(op, gm)
+        if layer:
+            return f"already anti-aliased by {layer}"
         return ""
 
     def blur(self, op: WindowOp, stride: tuple[int, ...]) -> Blur:
@@ -344,6 +358,17 @@ def _pads_outside(op: WindowOp, placement: str) -> bool:
     return any(2 * p != span for p, span in zip(op.padding, spans, strict=True))
 
 
+def _anti_aliasing_before(op: WindowOp, gm: fx.GraphModule) -> str | None:
+    """The known anti-aliasing layer that feeds ``op`` without subsampling (a blur at stride 1), if any."""
+    source = op.input
+    if source.op != "call_module":
+        return None
+    layer = gm.get_submodule(source.target)
+    stride = getattr(layer, "stride", None)
+    strides = stride if isinstance(stride, (tuple, list)) else (stride,)
+    return anti_aliasing(layer) if all(s == 1 for s in strides) else None
+
+
 def _is_blurred_before(op: WindowOp, gm: fx.GraphModule) -> bool:
     source = op.input
     if source.op != "call_module" or not isinstance(gm.get_submodule(source.target), Blur):
@@ -386,4 +411,30 @@ def change_record(
         added_nodes=tuple(n.name for n in added),
         enlarged_nodes=tuple(n.name for n in enlarged),
         blurred_module=blurred_module,
+    )
+
+
+def skipped_outside_graph(module: nn.Module, target: str, reason: str) -> Change | None:
+    """The record of a strided conv or pool module no graph calls (it runs inside a leaf module), or ``None``."""
+    base = next((cls for cls in MODULES if isinstance(module, cls)), None)
+    if base is None:
+        return None
+    kind, dims = MODULES[base]
+    stride = tuple(module.stride) if isinstance(module.stride, (tuple, list)) else (module.stride,) * dims
+    if not any(s > 1 for s in stride):
+        return None
+    kernel = module.kernel_size if isinstance(module.kernel_size, (tuple, list)) else (module.kernel_size,) * dims
+    return Change(
+        target=target,
+        op=f"{kind}{dims}d",
+        action="skipped",
+        reason=reason,
+        kernel_size=tuple(kernel),
+        stride=stride,
+        in_channels=getattr(module, "in_channels", None),
+        out_channels=getattr(module, "out_channels", None),
+        blur=None,
+        node="",
+        input_node="",
+        output_node="",
     )

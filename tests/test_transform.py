@@ -247,29 +247,52 @@ def test_exclude_and_min_channels():
     assert blurred(only_pools) == {"maxpool": "blur_before"}
 
 
-def test_return_indices_and_custom_forward_are_skipped_with_reasons():
-    class StandardisedConv(nn.Conv2d):
-        def forward(self, x):
-            w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
-            return F.conv2d(x, w, self.bias, self.stride, self.padding)
+class StandardisedConv(nn.Conv2d):
+    """A conv subclass with a forward of its own that honours its attributes."""
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.pool = nn.MaxPool2d(2, return_indices=True)
-            self.unpool = nn.MaxUnpool2d(2)
-            self.conv = StandardisedConv(16, 16, 3, stride=2)
+    def forward(self, x):
+        w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
 
-        def forward(self, x):
-            y, indices = self.pool(x)
-            return self.unpool(y, indices), self.conv(x)
 
-    with pytest.warns(NoEffectWarning):
-        gm = fxblur.transform(Net(), verbose=False)
-    assert skipped(gm) == {
-        "pool": "return_indices=True: the indices must refer to the strided pool's input",
-        "conv": "StandardisedConv overrides forward",
-    }
+class IndicesAndOwnForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2)
+        self.conv = StandardisedConv(16, 16, 3, stride=2)
+
+    def forward(self, x):
+        y, indices = self.pool(x)
+        return self.unpool(y, indices), self.conv(x)
+
+
+def test_return_indices_are_skipped_and_a_forward_of_its_own_is_blurred_before():
+    model = IndicesAndOwnForward()
+    for options in ({}, {"blur_first": False}):
+        gm = fxblur.transform(model, verbose=False, **options)
+        assert skipped(gm) == {"pool": "return_indices=True: the indices must refer to the strided pool's input"}
+        (conv,) = [c for c in fxblur.changes(gm) if c.target == "conv"]
+        assert conv.action == "blur_before" and gm.conv.stride == (2, 2)
+        x = torch.randn(1, 16, 8, 8)
+        torch.testing.assert_close(gm(x)[1], model.conv(fxblur.blur(x, 1, 3)))
+    assert conv.note.startswith("StandardisedConv has a forward of its own; fxblur.trust_forward(StandardisedConv)")
+
+
+def test_a_trusted_forward_runs_at_stride_one():
+    class Trusted(StandardisedConv):
+        pass
+
+    model = IndicesAndOwnForward()
+    model.conv.__class__ = Trusted
+    fxblur.trust_forward(Trusted)
+    gm = fxblur.transform(model, blur_first=False, verbose=False)
+    (conv,) = [c for c in fxblur.changes(gm) if c.target == "conv"]
+    assert conv.action == "blur_after" and not conv.note
+    x = torch.randn(1, 16, 8, 8)
+    stride_one = StandardisedConv(16, 16, 3)
+    stride_one.load_state_dict(model.conv.state_dict())
+    torch.testing.assert_close(gm(x)[1], fxblur.blur(stride_one(x), 2, 3))
 
 
 def test_blur_follows_the_model_device_and_dtype():

@@ -5,8 +5,9 @@ buffers. The copy can be re-wired, switched between train and eval, and given ne
 submodules without the original noticing, while an optimizer built on the original's
 parameters keeps training the copy (Composer's reason for its ``optimizers=`` argument).
 
-Hooks a module registered with its own methods (lazy modules infer their parameters that
-way) act on the copy, and the handles it keeps to them point at the copy's tables. The
+Methods of a module stored on the module itself (hooks it registered with its own methods,
+as lazy modules do; a ``forward`` chosen in ``__init__``, as some timm models do) act on the
+copy, and the handles it keeps to its hooks point at the copy's tables. The
 not yet materialised parameters of a lazy module (``nn.LazyLinear``) cannot be shared:
 the copy gets its own, so that its first forward pass leaves the original lazy.
 
@@ -78,6 +79,8 @@ def _own_hooks_and_lazy_tensors(module: nn.Module, clone: nn.Module) -> None:
                 value[key] = _rebound(hook, module, clone)
         elif isinstance(value, RemovableHandle):
             clone.__dict__[name] = _retargeted(value, tables)
+        else:  # a method stored on the instance (timm picks its forward so)
+            clone.__dict__[name] = _rebound(value, module, clone)
     for table, fresh in (("_parameters", _fresh_parameter), ("_buffers", _fresh_buffer)):
         for name, tensor in clone.__dict__[table].items():
             if isinstance(tensor, (UninitializedParameter, UninitializedBuffer)):

@@ -4,8 +4,13 @@
 
 - every conv, pool and ``Blur`` module is a leaf, including subclasses from other
   libraries (timm's ``Conv2dSame``, ``StdConv2d``): the passes then see the call and can
-  decide on it, instead of tracing into code whose arithmetic they cannot rewrite;
+  decide on it, instead of tracing into code whose arithmetic they cannot rewrite; so is
+  every layer that anti-aliases already (timm's ``BlurPool2d``, kornia's ``MaxBlurPool2D``:
+  ``fxblur.rewrite.known_layers``), which is never blurred again;
 - ``leaf_modules`` adds the user's own leaves, by class or by module path;
+- where timm is loaded, the functions timm registers as not traceable stay calls, and a
+  module that fails to trace falls back to being a leaf if timm registered its class so
+  (``timm.layers._fx``): every model timm's own tracing handles traces whole;
 - every call of a module it traces through is recorded (``fxblur.rewrite.calls``), so
   that the rewrite can be put back into the modules where it happens; hooks registered on
   those modules do not run while tracing (they run when the result calls the module).
@@ -43,6 +48,7 @@ from torch.fx.proxy import TraceError
 
 from fxblur.ops.blur_module import Blur
 from fxblur.rewrite.calls import CALL, LINE, Call, as_nodes
+from fxblur.rewrite.known_layers import anti_aliasing
 
 ALWAYS_LEAVES = (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, Blur)
 
@@ -63,7 +69,7 @@ class BlurTracer(fx.Tracer):
     """
 
     def __init__(self, leaf_modules: Iterable[type[nn.Module] | str] = ()) -> None:
-        super().__init__()
+        super().__init__(autowrap_functions=tuple(_timm_registrations()[1]))
         leaf_modules = tuple(leaf_modules)
         self.user_leaf_classes = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_classes = ALWAYS_LEAVES + self.user_leaf_classes
@@ -90,6 +96,7 @@ class BlurTracer(fx.Tracer):
         return (
             isinstance(m, self.leaf_classes)
             or module_qualified_name in self.leaf_paths
+            or anti_aliasing(m) is not None
             or super().is_leaf_module(m, module_qualified_name)
         )
 
@@ -116,10 +123,15 @@ class BlurTracer(fx.Tracer):
 
 @dataclass(frozen=True)
 class Traced:
-    """A flat graph of a module and the tree of module calls it was traced through."""
+    """A flat graph of a module, the tree of module calls it was traced through, and its leaf modules.
+
+    ``leaves`` are the paths of the modules called whole for the user's ``leaf_modules`` or
+    timm's registrations (not convs, pools or blurs): code fxblur does not see runs in them.
+    """
 
     graph: fx.Graph
     root: Call
+    leaves: tuple[str, ...] = ()
 
 
 def trace(
@@ -134,19 +146,58 @@ def trace(
     which leak into the next trace's graph or break the module when called. The tensor
     constants the tracer adds to ``root`` for its graph stay.
     """
-    tracer = BlurTracer(leaf_modules)
-    saved = [(module, dict(module.__dict__)) for module in root.modules()]
-    try:
-        return Traced(tracer.trace(root, concrete_args), tracer.root_call)
-    except Exception as error:
-        raise UntraceableModelError(_explain(root, tracer.failed_module, error)) from error
-    finally:
-        for module, attributes in saved:
-            added = module.__dict__.keys() - attributes.keys()
-            for name in added:
-                if not isinstance(module.__dict__[name], torch.Tensor):
-                    del module.__dict__[name]
-            module.__dict__.update(attributes)
+    leaf_modules = tuple(leaf_modules)
+    while True:
+        tracer = BlurTracer(leaf_modules)
+        saved = [(module, dict(module.__dict__)) for module in root.modules()]
+        try:
+            graph = tracer.trace(root, concrete_args)
+            return Traced(graph, tracer.root_call, _leaf_paths(root, tracer, graph))
+        except Exception as error:
+            fallback = _timm_leaf(root, tracer.failed_module)
+            if fallback is None:
+                raise UntraceableModelError(_explain(root, tracer.failed_module, error)) from error
+            leaf_modules = (*leaf_modules, fallback)
+        finally:
+            for module, attributes in saved:
+                added = module.__dict__.keys() - attributes.keys()
+                for name in added:
+                    if not isinstance(module.__dict__[name], torch.Tensor):
+                        del module.__dict__[name]
+                module.__dict__.update(attributes)
+
+
+def _leaf_paths(root: nn.Module, tracer: BlurTracer, graph: fx.Graph) -> tuple[str, ...]:
+    """The modules the graph calls whole for being user or timm leaves (not ops or blurs)."""
+    called = {node.target for node in graph.nodes if node.op == "call_module"}
+    return tuple(
+        path
+        for path in called
+        if path in tracer.leaf_paths or isinstance(root.get_submodule(path), tracer.user_leaf_classes)
+    )
+
+
+def _timm_registrations() -> tuple[tuple[type, ...], tuple]:
+    """timm's torch.fx registrations (modules not to trace, functions to keep as calls), if timm is loaded."""
+    fx_support = sys.modules.get("timm.layers._fx")
+    if fx_support is None:
+        return (), ()
+    return tuple(fx_support.get_notrace_modules()), tuple(fx_support.get_notrace_functions())
+
+
+def _timm_leaf(root: nn.Module, failed: tuple[str, type] | None) -> type | None:
+    """The class timm registered as not traceable that encloses the module that failed, if any."""
+    modules = _timm_registrations()[0]
+    if failed is None or not modules or failed[0] == "?":
+        return None
+    path = failed[0]
+    while True:
+        module = root.get_submodule(path)
+        if isinstance(module, modules):
+            return type(module)
+        if not path:
+            return None
+        path = path.rpartition(".")[0]
 
 
 def _calling_line() -> tuple[str, int] | None:

@@ -1,0 +1,80 @@
+"""Layers from other libraries that fxblur knows: conv and pool subclasses it may run at stride 1, blur layers.
+
+Conv and pool subclasses with a ``forward`` of their own (timm's ``Conv2dSame`` pads 'same'
+at run time; ``StdConv2d`` standardises its weight first) are blurred *before* in any case:
+a stride-1 blur in front of an op needs nothing from its ``forward``. Running one at stride 1
+(``blur_first=False``, the paper's placement, polyphase selection after it) needs a
+``forward`` that honours the module's ``stride`` attribute: the classes named in
+``TRUSTED_FORWARDS`` do, and ``trust_forward`` declares your own.
+
+Layers that already anti-alias (a blur with a stride: timm's ``BlurPool2d``,
+antialiased-cnns' ``BlurPool``, kornia's ``BlurPool2D`` and ``MaxBlurPool2D``, Composer's
+blur layers) are called whole, never traced into and never blurred again; an op they feed
+at stride 1 counts as blurred already.
+
+Classes are matched by module and name, so that ``import fxblur`` imports none of these
+libraries.
+
+Example:
+    >>> class Standardised(nn.Conv2d):
+    ...     def forward(self, x):
+    ...         w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+    ...         return F.conv2d(x, w, self.bias, self.stride, self.padding)
+    >>> trusts_forward(Standardised)
+    False
+    >>> trust_forward(Standardised); trusts_forward(Standardised)
+    True
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+TRUSTED_FORWARDS = {
+    "timm.layers.conv2d_same.Conv2dSame",
+    "timm.layers.std_conv.StdConv2d",
+    "timm.layers.std_conv.StdConv2dSame",
+    "timm.layers.std_conv.ScaledStdConv2d",
+    "timm.layers.std_conv.ScaledStdConv2dSame",
+    "timm.layers.pool2d_same.MaxPool2dSame",
+    "timm.layers.pool2d_same.AvgPool2dSame",
+}
+
+ANTI_ALIASING = {
+    "timm.layers.blur_pool.BlurPool2d": "timm BlurPool2d",
+    "antialiased_cnns.blurpool.BlurPool": "antialiased-cnns BlurPool",
+    "antialiased_cnns.blurpool.BlurPool1D": "antialiased-cnns BlurPool1D",
+    "kornia.filters.blur_pool.BlurPool2D": "kornia BlurPool2D",
+    "kornia.filters.blur_pool.MaxBlurPool2D": "kornia MaxBlurPool2D",
+    "composer.algorithms.blurpool.blurpool_layers.BlurPool2d": "Composer BlurPool2d",
+    "composer.algorithms.blurpool.blurpool_layers.BlurMaxPool2d": "Composer BlurMaxPool2d",
+    "composer.algorithms.blurpool.blurpool_layers.BlurConv2d": "Composer BlurConv2d",
+}
+
+_trusted: set[type] = set()
+
+
+def trust_forward(cls: type[nn.Module]) -> None:
+    """Declare that ``cls``, a conv or pool subclass, honours its ``stride`` attribute in ``forward``.
+
+    fxblur may then run it at stride 1 (set ``stride`` to 1 on a copy) in every placement,
+    as it does for torch.nn's own classes and the known ones in ``TRUSTED_FORWARDS``.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd,
+                                                         nn.modules.pooling._AvgPoolNd))):  # fmt: skip
+        raise TypeError(f"trust_forward takes a conv or pool subclass, got {cls!r}")
+    _trusted.add(cls)
+
+
+def trusts_forward(cls: type) -> bool:
+    """Whether fxblur may run ``cls`` at stride 1 although it overrides ``forward``."""
+    return cls in _trusted or _name(cls) in TRUSTED_FORWARDS
+
+
+def anti_aliasing(module: nn.Module) -> str | None:
+    """What ``module`` is, if it is a known anti-aliasing layer (``"timm BlurPool2d"``), else ``None``."""
+    return ANTI_ALIASING.get(_name(type(module)))
+
+
+def _name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
