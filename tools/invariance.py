@@ -1,7 +1,9 @@
 """How far a model's logits move under circular shifts of its input, for the original and its rewrites.
 
-Every model is built with random weights (torchvision names; nothing is downloaded), in
-eval mode, and run on a batch of random images and on the same images rolled circularly by
+Every model is built with random weights (torchvision names; nothing is downloaded), its
+BatchNorm statistics set from one batch of random images (a randomly initialised GoogLeNet or
+MobileNet otherwise computes outputs of 1e-10 that hardly depend on the input), in eval
+mode, and run on a batch of random images and on the same images rolled circularly by
 random shifts of up to ``--max-shift`` pixels along both axes. For each variant the table
 gives the largest change of the logits relative to their largest magnitude, over the
 shifts, and whether every image kept its top-1 class. A network made exactly invariant by
@@ -55,12 +57,24 @@ def movement(model: nn.Module, images: torch.Tensor, shifts: torch.Tensor) -> tu
     return worst, kept
 
 
+def calibrate(model: nn.Module, images: torch.Tensor) -> None:
+    """Set every BatchNorm's statistics from ``images`` (one train-mode pass), then eval mode."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # a cumulative average: one batch sets the statistics
+            module.reset_running_stats()
+    with torch.no_grad():
+        model.train()(images)
+    model.eval()
+
+
 def measure(name: str, args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(args.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # init-weights notices; nothing to blur
         original = build(name, device="cpu").eval()
     generator = torch.Generator().manual_seed(args.seed)
+    calibrate(original, torch.randn(8, 3, args.image_size, args.image_size, generator=generator))
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
     shifts = torch.randint(-args.max_shift, args.max_shift + 1, (args.shifts, 2), generator=generator)
     rows = []

@@ -38,6 +38,12 @@ Examples:
     python tools/zoo.py --torchvision --limit 10 --timeout 60
     python tools/zoo.py --json-out survey.json > survey.txt
 
+--json prints {"summary": {placement: {status: count}}, "results": [...]}, one result per model
+and placement: source (timm/<file> or torchvision/<task>), model, placement, status, blurred,
+skipped, notes, device (meta or cpu), sizes, seconds, and details: skipped_ops (target, op,
+in_channels, reason), untraced (path, module, reason), trace_error (why torch.fx cannot trace
+it whole), timm_fx (whether timm's own fx registrations would), inlined, error.
+
 In Python, ``survey(case, placements)`` checks one model (a ``Case``: any factory and input
 size) and returns one ``Result`` per placement; it reports every exception, never raises.
 """

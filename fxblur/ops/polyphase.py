@@ -21,23 +21,24 @@ The ops are split so that a graph rewrite can place them on either side of a str
   chosen on the op's input, at the cost of the original op plus one norm and one roll.
 - ``select_phase`` takes component ``phase`` itself, after a stride-1 op: the published form.
 
-Where the stride divides the sizes, ``phase_of`` reshapes the input so that each component is
-an axis of its own and reduces every other axis, channels included, in one pass. Elsewhere,
-and for ``"linf"`` (whose reduction over such a view is slow on CPU), it first reduces the
-channels to what every position adds to the norm (its square, absolute value or largest
-absolute value), then wraps that map, C times smaller, around to a multiple of the stride
-and reduces it the same way: odd sizes cost no padded copy of the input.
+``phase_of`` first reduces the channels to what every position adds to the norm (its square,
+absolute value or largest absolute value): a shifted input gives every position the same
+bits there. It then wraps that map, C times smaller, around to a multiple of the stride
+(odd sizes cost no padded copy of the input), makes each component an axis of its own and
+sums the positions in float64, so that the order a shift brings changes a component's norm
+by float64 rounding only: two components must agree to about 1e-13 before float rounding
+can change which one a shifted input picks (float32 sums flip such near-ties now and then).
 
 ``roll_to_phase`` and ``select_phase`` are one gather each: per sample, the flat spatial
 index that every output sample reads, computed from the offsets with integer arithmetic and
 expanded over the channels as a view; a channels-last input instead takes whole rows of
-channels and stays channels-last. All three are plain differentiable PyTorch ops, so
-autograd (of any order), forward-mode AD, ``vmap``, ``torch.compile``, ``torch.export`` and
-TorchScript go through them.
+channels and stays channels-last. A roll is a permutation, so its backward rolls back with
+one gather too (``_Roll``); the rest are plain differentiable PyTorch ops. Autograd (of any
+order), forward-mode AD, ``vmap``, ``torch.compile``, ``torch.export`` and TorchScript go
+through all three.
 
-The norms are ``"l2"`` (the paper's), ``"l1"`` and ``"linf"``, over channels and space,
-accumulated in float32 for half-precision inputs; ``"l2"`` compares norms or sums of
-squares, which order the components alike. Ties go to the first component in row-major order
+The norms are ``"l2"`` (the paper's; compared as sums of squares, which order the components
+as the norms do), ``"l1"`` and ``"linf"``, over channels and space. Ties go to the first component in row-major order
 of the offsets. Sums are exact where every partial sum is (integer-valued inputs of moderate
 size), so ties there are exact ties.
 
@@ -163,22 +164,19 @@ torch.fx.wrap("select_phase")
 
 
 def _component_norms(x: Tensor, stride: list[int], norm: str) -> Tensor:
-    """Every component's norm (for ``"l2"``, the norm or its square: they order alike): (N, *stride)."""
+    """Every component's norm (for ``"l2"``, its square: they order alike): (N, *stride), float64.
+
+    The channels are reduced per position first, in the input's order, so that a shifted
+    input gives every position the same bits; the positions are then summed in float64, so
+    that the order a shift brings changes a component's norm by float64 rounding only: two
+    components must be equal to about 1e-13 for a shift to change which one is largest.
+    """
     spatial = len(stride)
-    if norm != "linf" and _stride_divides(x, stride):  # one pass over x
-        components = _components_as_axes(x, stride)  # (N, C, blocks, stride, blocks, stride, ...)
-        channels_and_blocks = [1] + [2 + 2 * i for i in range(spatial)]
-        accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
-        order = 2.0 if norm == "l2" else 1.0
-        return torch.linalg.vector_norm(components, order, dim=channels_and_blocks, dtype=accumulate)
     components = _components_as_axes(_contributions(x, norm), stride)  # (N, blocks, stride, ...)
     blocks = [1 + 2 * i for i in range(spatial)]
-    return components.amax(blocks) if norm == "linf" else components.sum(blocks)
-
-
-def _stride_divides(x: Tensor, stride: list[int]) -> bool:
-    first = x.dim() - len(stride)
-    return all([x.shape[first + i] % stride[i] == 0 for i in range(len(stride))])  # TorchScript: no generators
+    if norm == "linf":
+        return components.amax(blocks).double()
+    return components.sum(blocks, dtype=torch.float64)
 
 
 def _contributions(x: Tensor, norm: str) -> Tensor:
