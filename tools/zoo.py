@@ -9,13 +9,15 @@ hooks on both record the output shape of every module call, keyed by module path
 number: the result keeps the original's module hierarchy, so the same paths are called and
 must return the same shapes. Only the calls a rewrite moved to full resolution may grow (an
 op run at stride 1 before the blur that subsamples, and the BatchNorm/activation chain the
-blur moved past: ``Change.enlarged_nodes``), and the modules that return their very output.
+blur moved past: ``Change.enlarged_nodes``), the modules that return their very output, and
+modules that compute such an op in their own forward (timm's GammaAct).
 
 Each model and placement gets one status:
 
-    rewritten        every strided conv/pool with >= 16 input channels blurred, every shape kept
+    rewritten        every strided conv/pool with >= 16 input channels blurred (or already
+                     anti-aliased: timm's BlurPool2d, ...), every shape kept
     nothing to blur  no strided conv or pool, or only ones with < 16 input channels (an RGB
-                     stem, a patchify conv)
+                     stem, a patchify conv) or that anti-alias already
     partial          torch.fx cannot trace the model whole; strict=False rewrote its traceable
                      parts (notes: the modules left untraced, from fxblur.report(result).parts)
     skipped ops      strided ops with >= 16 channels left alone (notes: the reasons, from
@@ -79,6 +81,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fxblur
 from fxblur.changes import flat_graph_module
 from fxblur.models import build, suggestions, timm_available, torchvision_names
+from fxblur.rewrite.calls import SITE
 
 PLACEMENTS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -246,21 +249,25 @@ Shapes = dict[str, list[Any]]
 
 
 def module_shapes(
-    model: nn.Module, x: torch.Tensor, paths: Iterable[str] | None = None, enlarged: set[tuple[str, int]] | None = None
+    model: nn.Module, x: torch.Tensor, paths: Iterable[str] | None = None, full: FullResolution | None = None
 ) -> Shapes:
     """Output shape of every module call, per module path, in order of first call.
 
     A call that returns one tensor gives its shape, one that returns several a tuple of
     shapes, one that returns no tensor ``None``. ``paths`` limits the hooks to those modules.
 
-    ``enlarged`` holds the (path, call number) of calls that compute at full resolution;
-    every call that returns the very tensor one of them computed (a ``Sequential`` whose
-    last module was moved to stride 1, an in-place activation) is added to it.
+    With ``full`` (what the rewrite moved to full resolution), the calls that carry such a
+    map on are added to ``full.calls``: a call that returns the very tensor one of them
+    computed (a ``Sequential`` whose last module runs at stride 1, an in-place activation),
+    and a call of one of ``full.makers`` that maps such a tensor to one of the same shape.
     """
     shapes: Shapes = {}
-    full_resolution: list[weakref.ref] = []
+    carried: list[weakref.ref] = []
     modules = dict(model.named_modules())
     wanted = modules if paths is None else {path: modules[path] for path in paths if path in modules}
+
+    def is_carried(value: Any) -> bool:
+        return isinstance(value, torch.Tensor) and any(ref() is value for ref in carried)
 
     def hook(module, args, output, path):
         if isinstance(output, torch.Tensor):
@@ -270,11 +277,12 @@ def module_shapes(
             shape = tuple(leaves) if leaves else None
         call = (path, len(shapes.setdefault(path, [])))
         shapes[path].append(shape)
-        if enlarged is not None and isinstance(output, torch.Tensor):
-            if call in enlarged:
-                full_resolution.append(weakref.ref(output))
-            elif any(ref() is output for ref in full_resolution):
-                enlarged.add(call)
+        if full is None or not isinstance(output, torch.Tensor):
+            return
+        same_map = bool(args) and is_carried(args[0]) and args[0].shape == output.shape
+        if call in full.calls or is_carried(output) or (path in full.makers and same_map):
+            full.calls.add(call)
+            carried.append(weakref.ref(output))
 
     handles = [m.register_forward_hook(lambda m, a, o, path=path: hook(m, a, o, path)) for path, m in wanted.items()]
     try:
@@ -338,16 +346,33 @@ def run_original(case: Case) -> Original:
 # ---------------------------------------------------------------- checking a rewrite
 
 
-def enlarged_calls(result: nn.Module) -> set[tuple[str, int]]:
-    """(module path, call number) of the module calls a rewrite moved to full resolution.
+@dataclass
+class FullResolution:
+    """What a rewrite moved to full resolution, as module calls.
+
+    Attributes:
+        calls: (module path, call number) of the module calls that may return a larger map:
+            an op run at stride 1 and the BatchNorm/activation modules the blur moved past.
+        makers: paths of modules whose own forward computes such an op functionally (timm's
+            ``GammaAct`` calls ``F.gelu``): they may grow when they map a full-resolution
+            input to an output of the same shape.
+    """
+
+    calls: set[tuple[str, int]] = field(default_factory=set)
+    makers: set[str] = field(default_factory=set)
+
+
+def full_resolution(result: nn.Module) -> FullResolution:
+    """The module calls a rewrite moved to full resolution (``Change.enlarged_nodes``).
 
     Decisions name nodes of the flat graph of the part they were made in (the whole model,
     or each part rewritten by ``strict=False``); ``call_module`` nodes there are module calls
-    in execution order.
+    in execution order, and a functional node's site names the module whose forward made it.
     """
     parts = fxblur.report(result).parts
     roots = [""] if parts is None else list(parts.rewritten)
     calls: dict[str, tuple[str, int]] = {}
+    makers: dict[str, str] = {}
     for root in roots:
         flat = flat_graph_module(result.get_submodule(root))
         if flat is None:
@@ -358,11 +383,16 @@ def enlarged_calls(result: nn.Module) -> set[tuple[str, int]]:
                 path = f"{root}.{node.target}" if root else node.target
                 calls[f"{root}/{node.name}"] = (path, seen[path])
                 seen[path] += 1
-    enlarged = set()
+            elif node.op == "call_function" and SITE in node.meta:
+                maker = node.meta[SITE].rpartition(".")[0]
+                makers[f"{root}/{node.name}"] = f"{root}.{maker}".strip(".")
+    found = FullResolution()
     for change in fxblur.changes(result):
         root = next((r for r in roots if not r or change.target.startswith(f"{r}.")), "")
-        enlarged |= {calls[f"{root}/{n}"] for n in change.enlarged_nodes if f"{root}/{n}" in calls}
-    return enlarged
+        names = [f"{root}/{n}" for n in change.enlarged_nodes]
+        found.calls |= {calls[n] for n in names if n in calls}
+        found.makers |= {makers[n] for n in names if n in makers}
+    return found
 
 
 def inlined_modules(result: nn.Module) -> dict[str, str]:
@@ -483,7 +513,8 @@ def classify(result: nn.Module, original: Original, mismatch: str | None) -> tup
     small = [
         c for c in decisions if c.action == "skipped" and c.in_channels is not None and c.in_channels < MIN_CHANNELS
     ]
-    skipped = [c for c in decisions if c.action == "skipped" and c not in small]
+    anti_aliased = [c for c in decisions if c.action == "skipped" and already_anti_aliased(c)]
+    skipped = [c for c in decisions if c.action == "skipped" and c not in small and c not in anti_aliased]
     details: dict[str, Any] = {
         "skipped_ops": [
             {"target": c.target, "op": c.op, "in_channels": c.in_channels, "reason": c.reason} for c in skipped
@@ -510,14 +541,22 @@ def classify(result: nn.Module, original: Original, mismatch: str | None) -> tup
         return "partial", "; ".join(filter(None, notes)), details
     if skipped:
         return "skipped ops", "; ".join(notes), details
+    done = f"already anti-aliased: {count_reasons(c.op for c in anti_aliased)}" if anti_aliased else ""
     if all(c.action == "skipped" for c in decisions):
-        why = (
-            "no strided conv or pool"
-            if not decisions
-            else "only ops with < 16 channels: " + ", ".join(f"{c.target} ({c.in_channels} ch)" for c in small)
-        )
-        return "nothing to blur", why, details
-    return "rewritten", "", details
+        why = [
+            "" if decisions else "no strided conv or pool",
+            "only ops with < 16 channels: " + ", ".join(f"{c.target} ({c.in_channels} ch)" for c in small)
+            if small
+            else "",
+            done,
+        ]
+        return "nothing to blur", "; ".join(filter(None, why)), details
+    return "rewritten", done, details
+
+
+def already_anti_aliased(change: fxblur.Change) -> bool:
+    """A layer that anti-aliases already (timm's BlurPool2d, ...), which fxblur leaves alone on purpose."""
+    return bool(ANTI_ALIASING.search(change.op)) or change.reason.startswith("already anti-aliased")
 
 
 def check_placement(case: Case, original: Original, placement: str) -> Result:
@@ -534,12 +573,12 @@ def check_placement(case: Case, original: Original, placement: str) -> Result:
         result.blurred = sum(c.action != "skipped" for c in decisions)
         result.skipped = len(decisions) - result.blurred
         stage = "run"
-        enlarged = enlarged_calls(rewritten)
+        full = full_resolution(rewritten)
         inlined = inlined_modules(rewritten)
         mismatch = None
         for size, expected in original.shapes.items():
-            got = module_shapes(rewritten, torch.zeros(size, device=original.device), expected, enlarged)
-            difference = first_difference(expected, got, enlarged, inlined)
+            got = module_shapes(rewritten, torch.zeros(size, device=original.device), expected, full)
+            difference = first_difference(expected, got, full.calls, inlined)
             if difference:
                 mismatch = f"{difference} at input {'x'.join(map(str, size[2:]))}"
                 break
