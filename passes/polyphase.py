@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -45,7 +46,7 @@ from fxblur.changes import Change, record
 from fxblur.ops.polyphase import phase_of, roll_to_phase, select_phase
 from fxblur.options import BlurOptions
 from fxblur.passes.window_pass import AT_STRIDE_ONE, Plan, RewriteContext, WindowOpPass, add_blur, change_record
-from fxblur.rewrite.calls import CALL, Call, call_of, place, redirect
+from fxblur.rewrite.calls import CALL, Call, call_of, map_nodes, nodes_in, place, redirect
 from fxblur.rewrite.phase_groups import PhaseGroup, phase_groups
 from fxblur.rewrite.window_ops import WindowOp, read_window_op
 
@@ -135,10 +136,11 @@ class PolyphaseSampling(PassBase):
         placement = _PLACEMENTS[plan.placement]
         if placement in ("phase_before", "phase_subsample_before"):
             source = op.input
+            passed = _passed_through(op, phase) if phase is not None else []
             added: list[fx.Node] = []
             if placement == "phase_subsample_before":
                 added += member.kind.run_at_stride_one(gm, op, context)
-            blurred, blur_path = self._blur(gm, op, op.input, op.node, before=True)
+            blurred, blur_path = self._blur(gm, op, op.input, op.node, before=True, host=passed and phase)
             added += [blurred] if blurred is not source else []
             if phase is None:
                 norm = self.options.polyphase_norm
@@ -149,6 +151,10 @@ class PolyphaseSampling(PassBase):
             else:
                 moved = self._insert_before(gm, op.node, select_phase, (blurred, phase, list(op.stride)))
             op.replace_input(moved)
+            for node in (*added, moved) if passed else ():  # computed in the call that holds the phase
+                node.meta[CALL] = call_of(phase)
+            for call in passed:  # which now hands the op's input down, ready
+                call.args, call.kwargs = map_nodes((call.args, call.kwargs), lambda n: moved if n is source else n)
             change = change_record(op, placement, blur=blur_path, input_node=source, added=(*added, moved))
             return change, phase
         source = op.input
@@ -172,14 +178,17 @@ class PolyphaseSampling(PassBase):
         return change, phase
 
     def _blur(
-        self, gm: fx.GraphModule, op: WindowOp, value: fx.Node, anchor: fx.Node, before: bool
+        self, gm: fx.GraphModule, op: WindowOp, value: fx.Node, anchor: fx.Node, before: bool, host: Any = None
     ) -> tuple[fx.Node, str | None]:
-        """``value`` through a stride-1 blur (none for a 1-tap filter), next to ``anchor``."""
+        """``value`` through a stride-1 blur (none for a 1-tap filter), next to ``anchor``.
+
+        The blur module goes into the module of ``host``'s call if given, else ``anchor``'s.
+        """
         taps = self.options.filter_taps(op.stride)
         if all(t == 1 for t in taps):
             return value, None
         blur = self.kinds[0].blur(op, (1,) * op.dims)
-        path = add_blur(gm, anchor, op.target, blur, self.context.frozen if self.context else frozenset())
+        path = add_blur(gm, host or anchor, op.target, blur, self.context.frozen if self.context else frozenset())
         with gm.graph.inserting_before(anchor) if before else gm.graph.inserting_after(anchor):
             node = place(gm.graph.call_module(path, (value,)), anchor)
         return node, path
@@ -221,6 +230,26 @@ def _insert_after(gm: fx.GraphModule, anchor: fx.Node, function, args: tuple, li
         node = place(gm.graph.call_function(function, args), like or anchor)
     node.meta["is_wrapped"] = True
     return node
+
+
+def _passed_through(op: WindowOp, phase: fx.Node) -> list[Call]:
+    """The calls between ``op``'s and ``phase``'s that only hand ``op`` its input, innermost first.
+
+    Nodes that prepare the input (a blur, a roll by the phase) can then be computed where
+    the phase is, and those calls handed the result instead: a ResNet shortcut
+    (``Sequential(conv, bn)``) keeps its code, and no call needs inlining. Empty when the
+    input is not such an argument, or something else in a call reads it.
+    """
+    host, call = call_of(phase), call_of(op.node)
+    chain: list[Call] = []
+    while call is not None and host is not None and call is not host:
+        received = set(nodes_in((call.args, call.kwargs)))
+        inside = [user for user in op.input.users if any(c is call for c in call_of(user).lineage())]
+        if op.input not in received or inside != [op.node]:
+            return []
+        chain.append(call)
+        call = call.parent
+    return chain if call is host else []
 
 
 def _position(gm: fx.GraphModule, node: fx.Node) -> int:

@@ -12,6 +12,7 @@ from torch import nn
 
 import fxblur
 from fxblur.changes import obstacles_of
+from fxblur.rewrite.nesting import nesting_of
 from support import layer_shapes
 
 PLACEMENTS = {
@@ -77,6 +78,22 @@ def test_the_cheap_form_chooses_a_group_phase_once_on_the_block_input():
     code = gm.layer2[0].code
     assert code.count("phase_of(") == 1 and code.count("roll_to_phase(") == 1 and code.count("select_phase(") == 1
     assert "phase_of(x, [2, 2], 'l2')" in code  # the block's input: conv1's and the shortcut's source
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_resnet_blocks_stay_modules_with_their_shortcut_unchanged(placement):
+    gm = fxblur.transform(build("resnet50"), polyphase=True, verbose=False, **PLACEMENTS[placement])
+    assert nesting_of(gm).inlined == ()
+    for n in (2, 3, 4):
+        shortcut = gm.get_submodule(f"layer{n}.0.downsample")
+        assert type(shortcut) is nn.Sequential  # the phase is applied where the block chose it, and handed down
+    x = torch.randn(1, 3, 64, 64)
+    seen = []
+    for n in (2, 3, 4):  # blocks are still modules that hooks see
+        gm.get_submodule(f"layer{n}.0").register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        gm(x)
+    assert [s[1] for s in seen] == [512, 1024, 2048]
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)

@@ -15,6 +15,8 @@ PLACEMENTS = {
     "past the nonlinearity (`past_nonlinearity=True`)": {"past_nonlinearity": True},
     '`preset="composer"`': {"preset": "composer"},
     '`preset="zhang2019"`': {"preset": "zhang2019"},
+    "polyphase, phase before (`polyphase=True`)": {"polyphase": True},
+    "polyphase, published form (`polyphase=True, blur_first=False`)": {"polyphase": True, "blur_first": False},
 }
 
 

@@ -149,6 +149,13 @@ def redirect(old: fx.Node, new: fx.Node, keep: Iterable[fx.Node] = ()) -> None:
         each.output = map_nodes(each.output, lambda node: new if node is old else node)
 
 
+def nodes_in(value: Any) -> list[fx.Node]:
+    """Every node in ``value`` (tuples, lists, dicts), in order."""
+    found: list[fx.Node] = []
+    map_nodes(value, lambda node: found.append(node) or node)
+    return found
+
+
 def as_nodes(value: Any) -> Any:
     """``value`` with every ``Proxy`` in it replaced by its node (see ``map_nodes``)."""
     return map_nodes(value, lambda node: node, proxies=True)
