@@ -9,7 +9,9 @@ placement the options ask for (``fxblur.ops.polyphase`` holds the ops it inserts
   op's input, the input rolled per sample by it, and the op at its own stride. The cheap
   form: the original op plus one norm and one roll.
 - ``phase_subsample_before`` (a 1x1 conv without padding, in any placement): the blurred
-  input's component at the phase, and the conv at stride 1 on it.
+  input's component at the phase, and the conv at stride 1 on it. With a phase shared from
+  its group, the input is rolled to it and blurred by a subsampling blur (the same values
+  under circular padding, a quarter of the blur's work).
 - ``phase_after`` (``blur_first=False``): the op at stride 1, the stride-1 blur, then the
   component with the largest norm (APS as published).
 - ``phase_past_nonlinearity``: as ``phase_after``, selecting after the per-channel ops that
@@ -140,16 +142,20 @@ class PolyphaseSampling(PassBase):
             added: list[fx.Node] = []
             if placement == "phase_subsample_before":
                 added += member.kind.run_at_stride_one(gm, op, context)
-            blurred, blur_path = self._blur(gm, op, op.input, op.node, before=True, host=passed and phase)
-            added += [blurred] if blurred is not source else []
-            if phase is None:
-                norm = self.options.polyphase_norm
-                phase = self._insert_before(gm, op.node, phase_of, (blurred, list(op.stride), norm))
-                added.append(phase)
-            if placement == "phase_before":
-                moved = self._insert_before(gm, op.node, roll_to_phase, (blurred, phase))
+            if placement == "phase_subsample_before" and phase is not None:
+                moved, blur_path = self._subsample_at(gm, op, phase, host=passed and phase)
+                added += [moved.args[0]] if moved.op == "call_module" else []
             else:
-                moved = self._insert_before(gm, op.node, select_phase, (blurred, phase, list(op.stride)))
+                blurred, blur_path = self._blur(gm, op, op.input, op.node, before=True, host=passed and phase)
+                added += [blurred] if blurred is not source else []
+                if phase is None:
+                    norm = self.options.polyphase_norm
+                    phase = self._insert_before(gm, op.node, phase_of, (blurred, list(op.stride), norm))
+                    added.append(phase)
+                if placement == "phase_before":
+                    moved = self._insert_before(gm, op.node, roll_to_phase, (blurred, phase))
+                else:
+                    moved = self._insert_before(gm, op.node, select_phase, (blurred, phase, list(op.stride)))
             op.replace_input(moved)
             for node in (*added, moved) if passed else ():  # computed in the call that holds the phase
                 node.meta[CALL] = call_of(phase)
@@ -192,6 +198,22 @@ class PolyphaseSampling(PassBase):
         with gm.graph.inserting_before(anchor) if before else gm.graph.inserting_after(anchor):
             node = place(gm.graph.call_module(path, (value,)), anchor)
         return node, path
+
+    def _subsample_at(self, gm: fx.GraphModule, op: WindowOp, phase: fx.Node, host: Any) -> tuple[fx.Node, str | None]:
+        """``op``'s input, blurred, at component ``phase``: rolled to it, then through a subsampling blur.
+
+        With circular padding that is the stride-1 blur's component, at a quarter of the blur's
+        cost for a stride of 2, and no full-size gradient to scatter into; with a 1-tap filter,
+        the input's component itself.
+        """
+        stride = list(op.stride)
+        if all(t == 1 for t in self.options.filter_taps(op.stride)):
+            return self._insert_before(gm, op.node, select_phase, (op.input, phase, stride)), None
+        rolled = self._insert_before(gm, op.node, roll_to_phase, (op.input, phase))
+        blur = self.kinds[0].blur(op, op.stride)
+        path = add_blur(gm, host or op.node, op.target, blur, self.context.frozen if self.context else frozenset())
+        with gm.graph.inserting_before(op.node):
+            return place(gm.graph.call_module(path, (rolled,)), op.node), path
 
     def _insert_before(self, gm: fx.GraphModule, anchor: fx.Node, function, args: tuple) -> fx.Node:
         with gm.graph.inserting_before(anchor):
