@@ -46,6 +46,64 @@ def called_paths(model: nn.Module, x: torch.Tensor) -> set[str]:
     return called
 
 
+class PickFirst(nn.Module):
+    def forward(self, xs: list) -> torch.Tensor:
+        return xs[0]  # makes no graph node: the tracer sees a Python list indexed
+
+
+class ModulesWithoutNodes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.split = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.pick = PickFirst()
+        self.same = nn.Identity()
+        self.head = nn.Sequential(nn.Identity(), nn.Conv2d(16, 8, 1), nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.split(x)
+        halves = [y[:, :16], y[:, 16:]]
+        y = self.same(F.relu(self.pick(halves)))
+        return self.head(y) + self.same(halves[1]).mean()
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_modules_that_make_no_graph_node_are_still_called(placement):
+    model = ModulesWithoutNodes().eval()
+    gm = fxblur.transform(model, filter_size=1, verbose=False, **PLACEMENTS[placement])  # same function
+    x = torch.randn(2, 16, 9, 9)
+    assert called_paths(gm, x) >= called_paths(model, x)
+    calls = []
+    gm.same.register_forward_hook(lambda m, args, out: calls.append(out.shape))
+    torch.testing.assert_close(gm(x), model(x))
+    assert calls == [(2, 16, 5, 5)] * 2
+    assert fxblur.report(gm).nesting.inlined == ()
+
+
+class Shifted(nn.Module):
+    def forward(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        return x + offset
+
+
+class PassesAPlainTensor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.arange(16.0).view(1, 16, 1, 1)  # a plain attribute: the trace sees its value
+        self.block = Shifted()
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.block(x, offset=self.table * 2))
+
+
+def test_a_tensor_computed_outside_the_graph_is_handed_to_the_module_that_reads_it():
+    model = PassesAPlainTensor()
+    gm = fxblur.transform(model, filter_size=1, verbose=False)
+    x = torch.randn(2, 16, 8, 8)
+    torch.testing.assert_close(gm(x), model(x))
+    assert fxblur.report(gm).nesting.inlined == () and "block" in called_paths(gm, x)
+    assert gm.state_dict().keys() == model.state_dict().keys()
+
+
 def test_only_modules_with_something_to_rewrite_change():
     model = torchvision.models.resnet18()
     gm = fxblur.transform(model, verbose=False)  # every blur fits in its op's module

@@ -264,25 +264,36 @@ class _RegionBuilder:
         self.env: dict[fx.Node, fx.Node] = {}
         self.inputs: dict[fx.Node, tuple[fx.Node, tuple]] = {}
         self.callee_calls: dict[Call, fx.Node] = {}
-        self.callee_outputs: dict[fx.Node, tuple[Call, tuple]] = {}
+        self.callee_outputs: dict[fx.Node, tuple[Call, tuple]] = {}  # by the latest call that returned it
+        self.read: dict[tuple[Call, fx.Node], fx.Node] = {}
         self.attributes: dict[str, fx.Node] = {}
 
     def build(self) -> fx.Graph:
         call = self.call
         if call.parent is not None:
             self._placeholders()
+        nodeless = _nodeless_calls(_root_of(call), self.flat)
         for node in self.flat.nodes:
             owner = self.owners[call_of(node)]
             if owner is call:
                 self._copy(node)
             else:
-                callee = self._callee_holding(owner)
-                if callee is not None and callee not in self.callee_calls:
-                    self._call_callee(callee)
+                self._call_within(owner)
+            for each in nodeless.pop(node, ()):
+                self._call_within(self.owners[each])
+        for lost in (each for calls in nodeless.values() for each in calls):
+            if self._callee_holding(self.owners[lost]) not in (None, *self.callee_calls):
+                raise _NotSplittable(lost, "it makes no node of its own, and where it runs was lost")
         if call.parent is not None:
             self.graph.output(self._emit_structure(call.output, call))
         self._check_nothing_escapes()
         return self.graph
+
+    def _call_within(self, owner: Call) -> None:
+        """Call the module this graph calls within which ``owner`` ran, if any, unless done already."""
+        callee = self._callee_holding(owner)
+        if callee is not None and callee not in self.callee_calls:
+            self._call_callee(callee)
 
     # -- inputs -----------------------------------------------------------------------
     def _placeholders(self) -> None:
@@ -305,8 +316,11 @@ class _RegionBuilder:
         kwargs = self._emit_structure(callee.kwargs, callee)
         node = self.graph.call_module(target, tuple(args), dict(kwargs))
         self.callee_calls[callee] = node
+        returned: dict[fx.Node, tuple] = {}
         for leaf, path in _leaves(callee.output):
-            self.callee_outputs.setdefault(leaf, (callee, path))
+            returned.setdefault(leaf, path)
+        for leaf, path in returned.items():  # read from the latest call that returned it (an Identity's input)
+            self.callee_outputs[leaf] = (callee, path)
 
     # -- nodes --------------------------------------------------------------------------
     def _copy(self, node: fx.Node) -> None:
@@ -325,6 +339,11 @@ class _RegionBuilder:
         self.env[node] = copy
 
     def _lookup(self, value: fx.Node, culprit: Call) -> fx.Node:
+        if value in self.callee_outputs:
+            callee, path = self.callee_outputs[value]
+            if (callee, value) not in self.read:
+                self.read[(callee, value)] = _getitems(self.graph, self.callee_calls[callee], path)
+            return self.read[(callee, value)]
         if value in self.env:
             return self.env[value]
         if value.op == "get_attr":
@@ -332,10 +351,6 @@ class _RegionBuilder:
         if value in self.inputs:
             placeholder, path = self.inputs[value]
             self.env[value] = _getitems(self.graph, placeholder, path)
-            return self.env[value]
-        if value in self.callee_outputs:
-            callee, path = self.callee_outputs[value]
-            self.env[value] = _getitems(self.graph, self.callee_calls[callee], path)
             return self.env[value]
         holder = self._callee_holding(self.owners[call_of(value)])
         if holder is not None:
@@ -363,7 +378,28 @@ class _RegionBuilder:
             return self.graph.call_function(collections.OrderedDict, (pairs,))
         if isinstance(value, (*_CONSTANTS, slice)) or value is Ellipsis:
             return value
+        if isinstance(value, torch.Tensor):
+            return self._tensor(value)
         raise _NotSplittable(culprit, f"it passes or returns a {type(value).__name__}, which a graph cannot carry")
+
+    def _tensor(self, value: torch.Tensor) -> fx.Node:
+        """A tensor the trace saw as a value (a position embedding computed from plain attributes), read as
+        the attribute of this graph's module that holds it, or as a constant buffer it gets for it."""
+        module = self.call.module
+        held = [
+            *module.named_parameters(remove_duplicate=False),
+            *module.named_buffers(remove_duplicate=False),
+            *((name, attribute) for name, attribute in vars(module).items() if isinstance(attribute, torch.Tensor)),
+        ]
+        target = next((name for name, tensor in held if tensor is value), None)
+        if target is None:
+            target = next(
+                f"_fxblur_constant{i}" for i in range(len(held) + 1) if not hasattr(module, f"_fxblur_constant{i}")
+            )
+            module.register_buffer(target, value, persistent=False)
+        if target not in self.attributes:
+            self.attributes[target] = self.graph.get_attr(target)
+        return self.attributes[target]
 
     def _check_nothing_escapes(self) -> None:
         """A value made here and read outside must be one this call returns."""
@@ -379,6 +415,32 @@ class _RegionBuilder:
 
     def _within(self, call: Call | None) -> bool:
         return call is not None and any(each is self.call for each in call.lineage())
+
+
+def _nodeless_calls(root: Call, flat: fx.Graph) -> dict[fx.Node, list[Call]]:
+    """The calls that made no node (a module that only indexes a list, an ``nn.Identity``), by where they ran.
+
+    A call ran after the last node it received and after the calls its caller made before
+    it; its module is called right after that node, so that the values it returns are read
+    from it, as in the original.
+    """
+    index = {node: i for i, node in enumerate(flat.nodes)}
+    last: dict[Call, int] = {}
+    for node, i in index.items():
+        for call in call_of(node).lineage() if call_of(node) is not None else ():
+            last[call] = i
+    ran_after: dict[Call, int] = {}
+    for call in root.walk():  # parents first, siblings in the order they ran
+        if call in last or call.parent is None:
+            continue
+        siblings = call.parent.children[: call.parent.children.index(call)]
+        received = [index[node] for node, _ in _leaves((call.args, call.kwargs)) if node in index]
+        ran_after[call] = max([*received, *(last.get(s, ran_after.get(s, -1)) for s in siblings)], default=-1)
+    nodes = list(index)
+    found: dict[fx.Node, list[Call]] = {}
+    for call, i in ran_after.items():
+        found.setdefault(nodes[max(i, 0)], []).append(call)
+    return found
 
 
 def _parameter_names(module: nn.Module, count: int) -> list[str]:
