@@ -7,13 +7,16 @@ built, which works because the rewritten model shares the original's parameters.
 
 Data: fxblur.evaluation.synthetic.SyntheticShapes, 40x40 images of six kinds of textured shapes on
 1/f noise (new images for each seed), trained on random 32x32 crops with Adam and a
-one-cycle learning rate; tested on a separate split with Zhang's protocol: two crops at
-random diagonal offsets 0-8 per image (fxblur.evaluation.consistency.shift_metrics).
+one-cycle learning rate; tested on a separate split with two protocols
+(fxblur.evaluation.consistency.shift_metrics): Zhang's, two crops at random diagonal offsets
+0-8 per image, and circular shifts, the centred crop rolled by the difference of two such
+offsets. The polyphase variants pad circularly: under circular shifts they cannot move.
 
 Run (from the repository root):
-    python examples/train_compare.py             # 3 seeds x 4 variants, 7 to 14 minutes on 2 CPU cores
+    python examples/train_compare.py             # 3 seeds x 6 variants, about half an hour on 2 CPU cores
     python examples/train_compare.py --quick     # a few seconds: checks the pipeline, not the result
     python examples/train_compare.py --seeds 5 --epochs 12 --json
+    python examples/train_compare.py --variants baseline "polyphase, circular"
 """
 
 from __future__ import annotations
@@ -40,11 +43,14 @@ from fxblur.evaluation.progress import ProgressBar
 from fxblur.evaluation.synthetic import SHAPES, SyntheticShapes
 
 IMAGE_SIZE, CROP_SIZE = 40, 32
+METRICS = ("accuracy", "consistency", "sensitivity", "circular_consistency", "circular_sensitivity", "train_seconds")
 VARIANTS: dict[str, dict | None] = {
     "baseline": None,
     "blur first (default)": {},
     "blur_first=False": {"blur_first": False},
     "past_nonlinearity=True": {"past_nonlinearity": True},
+    "polyphase, circular": {"polyphase": True, "circular_padding": True},
+    "polyphase published, circular": {"polyphase": True, "blur_first": False, "circular_padding": True},
 }
 
 
@@ -140,7 +146,8 @@ def run_seed(seed: int, args: argparse.Namespace, progress: TextIO | None) -> li
     train = in_memory(SyntheticShapes(args.train_size, **shapes))
     test = TensorDataset(*in_memory(SyntheticShapes(args.test_size, split="test", **shapes)))
     rows = []
-    for variant, blur in VARIANTS.items():
+    for variant in args.variants:
+        blur = VARIANTS[variant]
         torch.manual_seed(seed)
         model = SmallResNet(num_classes=len(SHAPES), width=args.width)
         loader = RandomCrops(*train, CROP_SIZE, args.batch_size, seed)
@@ -148,10 +155,12 @@ def run_seed(seed: int, args: argparse.Namespace, progress: TextIO | None) -> li
         with ProgressBar(args.epochs * len(loader), f"seed {seed} {variant:<22}", stream=progress) as bar:
             model = training_loop(model, loader, args.epochs, blur, bar)
         seconds = time.perf_counter() - start
-        metrics = shift_metrics(model, test, CROP_SIZE, seed=seed, batch_size=256)
+        crops = shift_metrics(model, test, CROP_SIZE, seed=seed, batch_size=256)
+        rolls = shift_metrics(model, test, CROP_SIZE, seed=seed, batch_size=256, shift="circular")
         rows.append({
-            "seed": seed, "variant": variant, "accuracy": metrics.accuracy, "consistency": metrics.consistency,
-            "sensitivity": metrics.sensitivity, "train_seconds": seconds,
+            "seed": seed, "variant": variant, "accuracy": crops.accuracy, "consistency": crops.consistency,
+            "sensitivity": crops.sensitivity, "circular_consistency": rolls.consistency,
+            "circular_sensitivity": rolls.sensitivity, "train_seconds": seconds,
         })  # fmt: skip
     return rows
 
@@ -162,7 +171,7 @@ def summary(rows: list[dict]) -> list[dict]:
     for variant in dict.fromkeys(row["variant"] for row in rows):
         mine = [row for row in rows if row["variant"] == variant]
         entry: dict = {"variant": variant, "seeds": len(mine)}
-        for key in ("accuracy", "consistency", "sensitivity", "train_seconds"):
+        for key in METRICS:
             values = [row[key] for row in mine]
             entry[key] = statistics.mean(values)
             entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
@@ -176,9 +185,13 @@ def render(table: list[dict]) -> str:
         mean = f"{entry[key] * scale:.{digits}f}"
         return mean if std is None else f"{mean} ± {std * scale:.{digits}f}"
 
-    headers = ["variant", "accuracy %", "consistency %", "sensitivity (1 - cos)", "train s"]
+    headers = [
+        "variant", "accuracy %", "consistency %", "sensitivity (1 - cos)", "circular: consistency %",
+        "circular: sensitivity", "train s",
+    ]  # fmt: skip
     lines = [
         [e["variant"], cell(e, "accuracy", 100, 1), cell(e, "consistency", 100, 1), cell(e, "sensitivity", 1, 4),
+         cell(e, "circular_consistency", 100, 1), cell(e, "circular_sensitivity", 1, 4),
          cell(e, "train_seconds", 1, 0)]
         for e in table
     ]  # fmt: skip
@@ -194,6 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=16, help="channels of the first stage (default 16)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, one per core)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(VARIANTS),
+        metavar="NAME",
+        help=f"variants to train (default all: {', '.join(VARIANTS)})",
+    )
     p.add_argument("--quick", action="store_true", help="1 seed, 1 epoch, 64 images: a smoke test")
     p.add_argument("--json", action="store_true", help="per-seed results and the summary as JSON")
     args = p.parse_args(argv)

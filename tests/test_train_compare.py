@@ -23,7 +23,7 @@ def load_script(path: Path):
 example = load_script(Path(__file__).resolve().parent.parent / "examples" / "train_compare.py")
 
 
-@pytest.mark.parametrize("options", [{}, {"blur_first": False}, {"past_nonlinearity": True}])
+@pytest.mark.parametrize("options", [{}, {"blur_first": False}, {"past_nonlinearity": True}, {"polyphase": True}])
 def test_small_resnet_has_five_strided_ops_to_blur(options):
     changes = fxblur.changes(fxblur.transform(example.SmallResNet(), verbose=False, **options))
     blurred = [c.target for c in changes if c.action != "skipped"]
@@ -46,7 +46,8 @@ def test_random_crops_cover_every_image_once_per_epoch_and_repeat_with_the_seed(
 
 def test_summary_gives_mean_and_sample_spread_per_variant():
     rows = [
-        {"variant": v, "accuracy": a, "consistency": 0.9, "sensitivity": 0.01, "train_seconds": 5.0}
+        {"variant": v, "accuracy": a, "train_seconds": 5.0}
+        | {key: 0.5 for key in ("consistency", "sensitivity", "circular_consistency", "circular_sensitivity")}
         for v in example.VARIANTS
         for a in (0.8, 0.9, 1.0)
     ]
@@ -64,4 +65,14 @@ def test_quick_mode_trains_and_measures_every_variant(capsys):
     assert len(result["runs"]) == len(example.VARIANTS) and result["settings"]["seeds"] == 1
     for run in result["runs"]:
         assert 0 <= run["accuracy"] <= 1 and 0 <= run["consistency"] <= 1 and 0 < run["sensitivity"] < 2
+        if run["variant"].startswith("polyphase"):  # circular padding: circular shifts cannot move the features
+            assert run["circular_consistency"] == 1 and run["circular_sensitivity"] < 1e-6
+        else:
+            assert run["circular_sensitivity"] > 1e-4
     assert len({run["sensitivity"] for run in result["runs"]}) == len(example.VARIANTS)
+
+
+def test_variants_can_be_chosen(capsys):
+    assert example.main(["--quick", "--json", "--variants", "baseline", "polyphase, circular"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [entry["variant"] for entry in result["summary"]] == ["baseline", "polyphase, circular"]
