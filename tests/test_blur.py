@@ -102,6 +102,14 @@ def test_model_built_on_meta_then_materialised_blurs_like_one_built_on_cpu():
     assert torch.equal(on_meta.bfloat16()(x.bfloat16()), on_cpu.bfloat16()(x.bfloat16()))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int64, torch.bool])
+def test_non_floating_input_is_a_type_error_that_says_what_to_do(dtype):
+    x = torch.ones(1, 2, 5, 5, dtype=dtype)
+    for run in (lambda t: blur(t, 2), Blur(stride=2), Blur(stride=1)):
+        with pytest.raises(TypeError, match=rf"floating-point input, got {dtype}.*x\.float\(\)"):
+            run(x)
+
+
 def test_module_accepts_unbatched_input_like_conv2d():
     x = torch.randn(4, 9, 9)
     assert torch.equal(Blur(stride=2)(x), Blur(stride=2)(x[None])[0])
