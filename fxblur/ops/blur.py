@@ -17,8 +17,10 @@ oneDNN kernel for it, a depthwise convolution after a padded copy costs several 
 memory traffic it needs; on the others the two are close) or, channels-last, where they
 subsample; a depthwise convolution (``fxblur.ops.depthwise``) everywhere else: channels-last
 at stride 1 (oneDNN's kernel makes one pass), CUDA (cuDNN), half precision, ``meta``
-tensors, ``torch.compile`` (which fuses it), TorchScript and ``torch.jit.trace``. The input
-must be floating point: a blur of an integer image is a float operation, so convert it first.
+tensors, ``torch.compile`` (which fuses it), TorchScript and ``torch.jit.trace``. Both give
+the same derivatives of every order (Hessians, gradient penalties, forward mode,
+``torch.func``). The input must be floating point: a blur of an integer image is a float
+operation, so convert it first.
 
 Example:
     >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)

@@ -1,4 +1,4 @@
-"""The blur as weighted sums of shifted views: no padded copy, no convolution, a gather-form backward.
+"""The blur as weighted sums of shifted views: no padded copy, no convolution, a gather-form adjoint.
 
 On CPU a depthwise ``F.conv2d`` over an NCHW tensor, after the copy that padding makes,
 can cost several times the memory traffic the blur needs. A binomial filter is separable,
@@ -9,11 +9,16 @@ so the sum is built as a running mean of the views with ``lerp`` and needs no fi
 scaling pass. The few outputs whose window reaches past the border are summed from the
 samples the padding mode maps them to, so the input is never copied into a padded buffer.
 
-The backward pass is the adjoint of each axis's filter, also in gather form: the input
-positions of one phase modulo the stride all read the same taps of the incoming gradient,
-so each phase is one weighted sum of views (for stride 2 and 3 taps, half the positions
-read one tap and half read two), and padded positions fold back onto the samples they
-copied.
+The adjoint (the backward pass) transposes each axis's filter, also in gather form: the
+input positions of one phase modulo the stride all read the same taps of the incoming
+gradient, so each phase is one weighted sum of views (for stride 2 and 3 taps, half the
+positions read one tap and half read two), and padded positions fold back onto the
+samples they copied.
+
+Derivatives: the blur is linear, so ``SeparableBlur`` is a ``LinearMap``
+(``fxblur.ops.eager.apply_linear``): its backward is the adjoint, the adjoint's backward
+is the blur, and the forward-mode derivative is the blur of the tangent. Every order
+(Hessians, gradient penalties, ``torch.func``) is exact, as through a convolution.
 
 Example:
     >>> x = torch.randn(2, 3, 9, 8)
@@ -26,40 +31,77 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, replace
 
 import torch
-from torch.autograd.function import once_differentiable
 
+from fxblur.ops.eager import apply_linear
 from fxblur.ops.padding import feasible_mode, interior, taps_padding
 
 
 def separable_blur(x: torch.Tensor, taps: Sequence[int], stride: Sequence[int], padding_mode: str) -> torch.Tensor:
-    """Blur the last ``len(taps)`` axes of ``x``; differentiable. See the module docstring."""
-    return _SeparableBlur.apply(x, tuple(taps), tuple(stride), padding_mode)
+    """Blur the last ``len(taps)`` axes of ``x``; differentiable to every order. See the module docstring."""
+    blur = SeparableBlur.of(x.shape, taps, stride, padding_mode)
+    return apply_linear(blur, x) if blur.axes else x.clone()
 
 
-class _SeparableBlur(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, taps: tuple, stride: tuple, padding_mode: str) -> torch.Tensor:
-        ctx.geometry = (taps, stride, padding_mode)
-        ctx.sizes = []
-        first = x.dim() - len(taps)
-        out = x
-        for axis, (k, s) in enumerate(zip(taps, stride, strict=True), start=first):
+@dataclass(frozen=True)
+class AxisBlur:
+    """One filtered axis: ``taps`` binomial taps at ``stride`` over ``size`` samples, padded as ``mode``.
+
+    ``axis`` counts from the end (-1 is the last axis), so that the same blur applies to a
+    tensor with more leading axes (``torch.func.vmap`` adds one); ``mode`` is one this axis
+    can take (``feasible_mode``).
+    """
+
+    axis: int
+    size: int
+    taps: int
+    stride: int
+    mode: str
+
+    @property
+    def outputs(self) -> int:
+        return (self.size - 1) // self.stride + 1
+
+
+@dataclass(frozen=True)
+class SeparableBlur:
+    """The blur of one input geometry as a linear map, or (``adjoint=True``) its transpose.
+
+    Example:
+        >>> blur = SeparableBlur.of((1, 1, 4), taps=(3,), stride=(2,), padding_mode="zeros")
+        >>> blur(torch.tensor([[[4.0, 8.0, 4.0, 0.0]]]))
+        tensor([[[4., 4.]]])
+        >>> blur.transpose(torch.tensor([[[4.0, 4.0]]]))
+        tensor([[[2., 2., 2., 1.]]])
+    """
+
+    axes: tuple[AxisBlur, ...]
+    adjoint: bool = False
+
+    @classmethod
+    def of(cls, shape: Sequence[int], taps: Sequence[int], stride: Sequence[int], padding_mode: str) -> SeparableBlur:
+        """The blur of the last ``len(taps)`` axes of a tensor of ``shape``; it skips axes it leaves as they are."""
+        axes = []
+        for axis, k, s in zip(range(-len(taps), 0), taps, stride, strict=True):
+            size = shape[axis]
             if k > 1 or s > 1:
-                ctx.sizes.append((axis, out.shape[axis]))
-                out = _filter_axis(out, axis, k, s, padding_mode)
-        return x.clone() if out is x else out
+                axes.append(AxisBlur(axis, size, k, s, feasible_mode(padding_mode, size, max(taps_padding(k)))))
+        return cls(tuple(axes))
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        taps, stride, padding_mode = ctx.geometry
-        first = grad.dim() - len(taps)
-        for axis, size in reversed(ctx.sizes):
-            grad = _filter_axis_adjoint(grad, axis, size, taps[axis - first], stride[axis - first], padding_mode)
-        return grad, None, None, None
+    @property
+    def transpose(self) -> SeparableBlur:
+        return replace(self, adjoint=not self.adjoint)
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        if self.adjoint:
+            for axis in reversed(self.axes):
+                v = _filter_axis_adjoint(v, axis)
+        else:
+            for axis in self.axes:
+                v = _filter_axis(v, axis)
+        return v
 
 
 def _weights(k: int) -> list[float]:
@@ -136,12 +178,10 @@ def _border_sources(i: int, n: int, k: int, s: int, mode: str) -> dict[int, floa
     return weights
 
 
-def _filter_axis(x: torch.Tensor, axis: int, k: int, s: int, padding_mode: str) -> torch.Tensor:
-    """The ``k``-tap binomial filter along ``axis``, every ``s``-th output."""
-    n = x.shape[axis]
-    before, after = taps_padding(k)
-    mode = feasible_mode(padding_mode, n, max(before, after))
-    outputs = (n - 1) // s + 1
+def _filter_axis(x: torch.Tensor, a: AxisBlur) -> torch.Tensor:
+    """The ``a.taps``-tap binomial filter along ``a.axis``, every ``a.stride``-th output."""
+    n, k, s, axis, mode, outputs = a.size, a.taps, a.stride, a.axis, a.mode, a.outputs
+    before, _ = taps_padding(k)
     shape = list(x.shape)
     shape[axis] = outputs
     out = _empty_like_layout(x, shape)
@@ -157,11 +197,10 @@ def _filter_axis(x: torch.Tensor, axis: int, k: int, s: int, padding_mode: str) 
     return out
 
 
-def _filter_axis_adjoint(grad: torch.Tensor, axis: int, n: int, k: int, s: int, padding_mode: str) -> torch.Tensor:
-    """The transpose of ``_filter_axis``: the gradient of its ``n`` inputs from that of its outputs."""
-    before, after = taps_padding(k)
-    mode = feasible_mode(padding_mode, n, max(before, after))
-    outputs = grad.shape[axis]
+def _filter_axis_adjoint(grad: torch.Tensor, a: AxisBlur) -> torch.Tensor:
+    """The transpose of ``_filter_axis``: the gradient of its ``a.size`` inputs from that of its outputs."""
+    n, k, s, axis, mode, outputs = a.size, a.taps, a.stride, a.axis, a.mode, a.outputs
+    before, _ = taps_padding(k)
     shape = list(grad.shape)
     shape[axis] = n
     result = _empty_like_layout(grad, shape)
