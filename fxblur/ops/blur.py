@@ -19,8 +19,8 @@ subsample; a depthwise convolution (``fxblur.ops.depthwise``) everywhere else: c
 at stride 1 (oneDNN's kernel makes one pass), CUDA (cuDNN), half precision, ``meta``
 tensors, ``torch.compile`` (which fuses it), TorchScript and ``torch.jit.trace``. Both give
 the same derivatives of every order (Hessians, gradient penalties, forward mode,
-``torch.func``). The input must be floating point: a blur of an integer image is a float
-operation, so convert it first.
+``torch.func``), and the same infinities and NaN for non-finite inputs. The input must be
+floating point: a blur of an integer image is a float operation, so convert it first.
 
 Example:
     >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)

@@ -20,11 +20,19 @@ Derivatives: the blur is linear, so ``SeparableBlur`` is a ``LinearMap``
 is the blur, and the forward-mode derivative is the blur of the tangent. Every order
 (Hessians, gradient penalties, ``torch.func``) is exact, as through a convolution.
 
+Infinities: ``lerp`` computes ``a + w * (b - a)``, so a running mean turns ``-inf`` into
+NaN (``-inf + w * inf``) and overflows on values beyond half the dtype's range. One sum
+over the result tells whether anything came out non-finite; only then is it recomputed
+with plain multiply-adds, which give what the definition gives: ``±inf`` where a window's
+infinities share a sign, NaN where they do not or where it holds a NaN.
+
 Example:
     >>> x = torch.randn(2, 3, 9, 8)
     >>> y = separable_blur(x, taps=(3, 3), stride=(2, 2), padding_mode="reflect")
     >>> torch.allclose(y, fxblur.blur(x, 2, 3, "reflect"), atol=1e-6)
     True
+    >>> separable_blur(torch.tensor([[[0.0, float("-inf"), 4.0]]]), taps=(3,), stride=(1,), padding_mode="zeros")
+    tensor([[[-inf, -inf, -inf]]])
 """
 
 from __future__ import annotations
@@ -95,12 +103,26 @@ class SeparableBlur:
         return replace(self, adjoint=not self.adjoint)
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        out = self._run(v, exact=False)
+        if self._may_run_means and not bool(out.sum().isfinite()):
+            out = self._run(v, exact=True)
+        return out
+
+    @property
+    def _may_run_means(self) -> bool:
+        """Whether some weighted sum may be a running mean: the filter's, not the adjoint's at a stride.
+
+        (At a stride every phase of the adjoint reads only some of the taps: its weights add up to less than one.)
+        """
+        return any(a.taps > 1 and (a.stride == 1 or not self.adjoint) for a in self.axes)
+
+    def _run(self, v: torch.Tensor, exact: bool) -> torch.Tensor:
         if self.adjoint:
             for axis in reversed(self.axes):
-                v = _filter_axis_adjoint(v, axis)
+                v = _filter_axis_adjoint(v, axis, exact)
         else:
             for axis in self.axes:
-                v = _filter_axis(v, axis)
+                v = _filter_axis(v, axis, exact)
         return v
 
 
@@ -134,13 +156,17 @@ def _along(x: torch.Tensor, axis: int, start: int, count: int, step: int) -> tor
     return x[tuple(index)]
 
 
-def _weighted_sum(out: torch.Tensor, terms: list[tuple[torch.Tensor, float]]) -> None:
-    """``out = sum(weight * view)``: one elementwise pass per term after the first."""
+def _weighted_sum(out: torch.Tensor, terms: list[tuple[torch.Tensor, float]], exact: bool) -> None:
+    """``out = sum(weight * view)``: one elementwise pass per term after the first.
+
+    Weights that sum to one make a running mean (``lerp``, no scaling pass) unless ``exact``,
+    which multiplies and adds (see the module docstring).
+    """
     if not terms:
         out.zero_()
         return
     (first, w_first), *rest = terms
-    if rest and sum(w for _, w in terms) == 1:  # a running mean: no scaling pass
+    if rest and not exact and sum(w for _, w in terms) == 1:
         (second, w_second), *rest = rest
         total = w_first + w_second
         torch.lerp(first, second, w_second / total, out=out)
@@ -178,7 +204,7 @@ def _border_sources(i: int, n: int, k: int, s: int, mode: str) -> dict[int, floa
     return weights
 
 
-def _filter_axis(x: torch.Tensor, a: AxisBlur) -> torch.Tensor:
+def _filter_axis(x: torch.Tensor, a: AxisBlur, exact: bool) -> torch.Tensor:
     """The ``a.taps``-tap binomial filter along ``a.axis``, every ``a.stride``-th output."""
     n, k, s, axis, mode, outputs = a.size, a.taps, a.stride, a.axis, a.mode, a.outputs
     before, _ = taps_padding(k)
@@ -190,14 +216,14 @@ def _filter_axis(x: torch.Tensor, a: AxisBlur) -> torch.Tensor:
     if hi > lo:
         first = lo * s - before
         terms = [(_along(x, axis, first + j, hi - lo, s), weights[j]) for j in _tap_order(k)]
-        _weighted_sum(out.narrow(axis, lo, hi - lo), terms)
+        _weighted_sum(out.narrow(axis, lo, hi - lo), terms, exact)
     for i in [*range(lo), *range(hi, outputs)]:
         sources = _border_sources(i, n, k, s, mode)
-        _weighted_sum(out.narrow(axis, i, 1), [(x.narrow(axis, src, 1), w) for src, w in sources.items()])
+        _weighted_sum(out.narrow(axis, i, 1), [(x.narrow(axis, src, 1), w) for src, w in sources.items()], exact)
     return out
 
 
-def _filter_axis_adjoint(grad: torch.Tensor, a: AxisBlur) -> torch.Tensor:
+def _filter_axis_adjoint(grad: torch.Tensor, a: AxisBlur, exact: bool) -> torch.Tensor:
     """The transpose of ``_filter_axis``: the gradient of its ``a.size`` inputs from that of its outputs."""
     n, k, s, axis, mode, outputs = a.size, a.taps, a.stride, a.axis, a.mode, a.outputs
     before, _ = taps_padding(k)
@@ -215,12 +241,12 @@ def _filter_axis_adjoint(grad: torch.Tensor, a: AxisBlur) -> torch.Tensor:
         t_hi = min([count, *(hi - d for d in offsets.values())])
         if t_hi > t_lo:
             terms = [(grad.narrow(axis, t_lo + d, t_hi - t_lo), weights[j]) for j, d in offsets.items()]
-            _weighted_sum(_along(result, axis, phase + t_lo * s, t_hi - t_lo, s), terms)
+            _weighted_sum(_along(result, axis, phase + t_lo * s, t_hi - t_lo, s), terms, exact)
         else:
             t_lo = t_hi = 0
         for t in [*range(t_lo), *range(t_hi, count)]:
             terms = [(grad.narrow(axis, t + d, 1), weights[j]) for j, d in offsets.items() if lo <= t + d < hi]
-            _weighted_sum(result.narrow(axis, phase + t * s, 1), terms)
+            _weighted_sum(result.narrow(axis, phase + t * s, 1), terms, exact)
     # Border outputs: each padded position folds back onto the sample it copied.
     for i in [*range(lo), *range(hi, outputs)]:
         for source, w in _border_sources(i, n, k, s, mode).items():
