@@ -8,12 +8,17 @@ views of its input, written straight into the output: ``k - 1`` elementwise pass
 so the sum is built as a running mean of the views with ``lerp`` and needs no final
 scaling pass. The few outputs whose window reaches past the border are summed from the
 samples the padding mode maps them to, so the input is never copied into a padded buffer.
+Along the last axis, one sample per row costs nearly what a whole pass does: there the
+border outputs of a stride-1 blur ride along in the same passes, with weights of their
+own, where the padding only repeats samples of their window (reflect, replicate;
+``_row_means``), and elsewhere each border output shares a pass with its mirror image at
+the other end (``_mirror_passes``).
 
 The adjoint (the backward pass) transposes each axis's filter, also in gather form: the
 input positions of one phase modulo the stride all read the same taps of the incoming
 gradient, so each phase is one weighted sum of views (for stride 2 and 3 taps, half the
-positions read one tap and half read two), and padded positions fold back onto the
-samples they copied.
+positions read one tap and half read two), and the taps that read padding fold back onto
+the samples it copied.
 
 Derivatives: the blur is linear, so ``SeparableBlur`` is a ``LinearMap``
 (``fxblur.ops.eager.apply_linear``): its backward is the adjoint, the adjoint's backward
@@ -40,6 +45,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import cache
 
 import torch
 
@@ -126,9 +132,10 @@ class SeparableBlur:
         return v
 
 
-def _weights(k: int) -> list[float]:
+@cache
+def _weights(k: int) -> tuple[float, ...]:
     """The normalised binomial taps (exact in binary floating point)."""
-    return [math.comb(k - 1, j) / 2 ** (k - 1) for j in range(k)]
+    return tuple(math.comb(k - 1, j) / 2 ** (k - 1) for j in range(k))
 
 
 def _tap_order(k: int) -> list[int]:
@@ -154,6 +161,64 @@ def _along(x: torch.Tensor, axis: int, start: int, count: int, step: int) -> tor
     index = [slice(None)] * x.dim()
     index[axis] = slice(start, start + (count - 1) * step + 1, step)
     return x[tuple(index)]
+
+
+Row = tuple[int, tuple[tuple[int, float], ...]]  # a target position and its (source position, weight) terms
+Pass = tuple[tuple[int, ...], list[tuple[tuple[int, ...], float]]]  # the same for one or two targets at once
+
+
+def _at(x: torch.Tensor, axis: int, positions: tuple[int, ...]) -> torch.Tensor:
+    """The samples of ``x`` at one position, or two ascending ones, along ``axis`` (a view)."""
+    if len(positions) == 1:
+        return x.narrow(axis, positions[0], 1)
+    first, last = positions
+    size, stride = list(x.shape), list(x.stride())
+    size[axis], stride[axis] = 2, stride[axis] * (last - first)
+    return x.as_strided(size, stride, x.storage_offset() + first * x.stride(axis))
+
+
+def _mirror_passes(rows: list[Row], pair: bool) -> list[Pass]:
+    """One pass per row, or (``pair``) one for each pair of rows, the first with the last and so on, that match.
+
+    Border rows come in mirror images at the two ends of an axis. Along an axis whose
+    samples are adjacent in memory, a pass over one sample per row costs nearly what a
+    pass over all of them does, so each pair takes one pass over two-sample views. Rows
+    match when their weights do, term by term, and the positions of every term ascend
+    with the targets (one stride for both).
+
+    Example:
+        >>> _mirror_passes([(0, ((0, 0.5), (1, 0.5))), (7, ((7, 0.5), (6, 0.5)))], pair=True)
+        [((0, 7), [((0, 6), 0.5), ((1, 7), 0.5)])]
+    """
+    if not pair:
+        return [_single(row) for row in rows]
+    passes: list[Pass] = []
+    for i in range((len(rows) + 1) // 2):
+        mirror = len(rows) - 1 - i
+        matched = _pair(rows[i], rows[mirror]) if mirror > i else None
+        passes.extend([matched] if matched else [_single(rows[j]) for j in sorted({i, mirror})])
+    return passes
+
+
+def _single(row: Row) -> Pass:
+    target, terms = row
+    return (target,), [((source,), w) for source, w in terms]
+
+
+def _pair(first: Row, last: Row) -> Pass | None:
+    """``first`` and ``last`` as one pass, or ``None`` where they do not match."""
+    (target, terms), (mirror_target, mirror_terms) = first, last
+    if mirror_target <= target or len(terms) != len(mirror_terms):
+        return None
+    pairs = list(zip(sorted(terms, key=_by_weight), sorted(mirror_terms, key=_by_weight), strict=True))
+    if any(w != mirror_w or mirror < source for (source, w), (mirror, mirror_w) in pairs):
+        return None
+    return (target, mirror_target), [((source, mirror), w) for (source, w), (mirror, _) in pairs]
+
+
+def _by_weight(term: tuple[int, float]) -> tuple[float, int]:
+    source, weight = term
+    return weight, source
 
 
 def _weighted_sum(out: torch.Tensor, terms: list[tuple[torch.Tensor, float]], exact: bool) -> None:
@@ -193,62 +258,179 @@ def _empty_like_layout(x: torch.Tensor, shape: list[int]) -> torch.Tensor:
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
 
 
-def _border_sources(i: int, n: int, k: int, s: int, mode: str) -> dict[int, float]:
-    """Output ``i``'s window as weights on the input samples its padded positions hold."""
+@cache
+def _border_sources(i: int, n: int, k: int, s: int, mode: str, padding_only: bool) -> tuple[tuple[int, float], ...]:
+    """Output ``i``'s window (or only its taps in the padding) as (input sample, weight) pairs.
+
+    Example:
+        >>> _border_sources(0, 8, 3, 1, "reflect", padding_only=False)  # x[1], x[0], x[1]
+        ((1, 0.5), (0, 0.5))
+        >>> _border_sources(0, 8, 3, 1, "reflect", padding_only=True)
+        ((1, 0.25),)
+    """
     before, _ = taps_padding(k)
     weights: dict[int, float] = {}
     for j, w in enumerate(_weights(k)):
-        source = _source(i * s + j - before, n, mode)
-        if source is not None:
+        position = i * s + j - before
+        source = _source(position, n, mode)
+        if source is not None and not (padding_only and 0 <= position < n):
             weights[source] = weights.get(source, 0.0) + w
-    return weights
+    return tuple(weights.items())
 
 
 def _filter_axis(x: torch.Tensor, a: AxisBlur, exact: bool) -> torch.Tensor:
     """The ``a.taps``-tap binomial filter along ``a.axis``, every ``a.stride``-th output."""
-    n, k, s, axis, mode, outputs = a.size, a.taps, a.stride, a.axis, a.mode, a.outputs
-    before, _ = taps_padding(k)
     shape = list(x.shape)
-    shape[axis] = outputs
+    shape[a.axis] = a.outputs
     out = _empty_like_layout(x, shape)
-    weights = _weights(k)
-    lo, hi = interior(n, k, s)
-    if hi > lo:
-        first = lo * s - before
-        terms = [(_along(x, axis, first + j, hi - lo, s), weights[j]) for j in _tap_order(k)]
-        _weighted_sum(out.narrow(axis, lo, hi - lo), terms, exact)
-    for i in [*range(lo), *range(hi, outputs)]:
-        sources = _border_sources(i, n, k, s, mode)
-        _weighted_sum(out.narrow(axis, i, 1), [(x.narrow(axis, src, 1), w) for src, w in sources.items()], exact)
+    _by_rows_or_views(out, x, a, exact, adjoint=False)
     return out
 
 
 def _filter_axis_adjoint(grad: torch.Tensor, a: AxisBlur, exact: bool) -> torch.Tensor:
     """The transpose of ``_filter_axis``: the gradient of its ``a.size`` inputs from that of its outputs."""
-    n, k, s, axis, mode, outputs = a.size, a.taps, a.stride, a.axis, a.mode, a.outputs
-    before, _ = taps_padding(k)
     shape = list(grad.shape)
-    shape[axis] = n
+    shape[a.axis] = a.size
     result = _empty_like_layout(grad, shape)
+    _by_rows_or_views(result, grad, a, exact, adjoint=True)
+    return result
+
+
+def _by_rows_or_views(out: torch.Tensor, x: torch.Tensor, a: AxisBlur, exact: bool, adjoint: bool) -> None:
+    """The filter (or its adjoint) of ``x`` into ``out``: by whole rows where ``_row_plan`` has a plan, or by views."""
+    views = _adjoint_views if adjoint else _filter_views
+    rows = not exact and a.axis == -1 and a.stride == 1 and x.is_contiguous() and x.numel() >= 3 * a.size
+    plan = _row_plan(a.size, a.taps, a.mode, adjoint) if rows else None
+    if plan is None:
+        views(out, x, a, exact)
+        return
+    x_rows, out_rows = x.view(-1, a.size), out.view(-1, a.size)
+    _filter_rows(out_rows[1:-1], x_rows, plan)
+    for edge in (slice(None, 1), slice(-1, None)):  # the rows between read into these two
+        views(out_rows[edge], x_rows[edge], a, exact)
+
+
+def _filter_views(out: torch.Tensor, x: torch.Tensor, a: AxisBlur, exact: bool) -> None:
+    """The filter into ``out``: interior outputs from shifted views, then the border outputs."""
+    k, s = a.taps, a.stride
+    before, _ = taps_padding(k)
     weights = _weights(k)
-    lo, hi = interior(n, k, s)
-    # Interior outputs: input p = i * s + j - before received tap j of output i, so the
-    # inputs p = phase + t * s read output t + offset[j] for each tap j of their phase.
+    lo, hi = interior(a.size, k, s)
+    if hi > lo:
+        first = lo * s - before
+        terms = [(_along(x, a.axis, first + j, hi - lo, s), weights[j]) for j in _tap_order(k)]
+        _weighted_sum(out.narrow(a.axis, lo, hi - lo), terms, exact)
+    rows = [(i, _border_sources(i, a.size, k, s, a.mode, False)) for i in [*range(lo), *range(hi, a.outputs)]]
+    for targets, terms in _mirror_passes(rows, pair=out.stride(a.axis) == 1):
+        _weighted_sum(_at(out, a.axis, targets), [(_at(x, a.axis, sources), w) for sources, w in terms], exact)
+
+
+def _adjoint_views(result: torch.Tensor, grad: torch.Tensor, a: AxisBlur, exact: bool) -> None:
+    """The adjoint into ``result``, in gather form: each phase of the inputs from shifted views of ``grad``.
+
+    Every output's taps that read real samples give the gather form, border outputs
+    included; only the few inputs near the ends, and the taps that read padding (folded
+    back onto the samples it copied), take passes over one or two samples.
+    """
+    n, k, s, axis = a.size, a.taps, a.stride, a.axis
+    before, _ = taps_padding(k)
+    columns = result.stride(axis) == 1
+    weights = _weights(k)
+    # Input p = i * s + j - before receives tap j of output i, so the inputs
+    # p = phase + t * s receive output t + offset[j] for each tap j of their phase.
     for phase in range(min(s, n)):
         offsets = {j: (phase + before - j) // s for j in _tap_order(k) if (phase + before - j) % s == 0}
         count = len(range(phase, n, s))
-        t_lo = max([0, *(lo - d for d in offsets.values())])
-        t_hi = min([count, *(hi - d for d in offsets.values())])
+        t_lo = max([0, *(-d for d in offsets.values())])
+        t_hi = min([count, *(a.outputs - d for d in offsets.values())])
         if t_hi > t_lo:
             terms = [(grad.narrow(axis, t_lo + d, t_hi - t_lo), weights[j]) for j, d in offsets.items()]
             _weighted_sum(_along(result, axis, phase + t_lo * s, t_hi - t_lo, s), terms, exact)
         else:
             t_lo = t_hi = 0
-        for t in [*range(t_lo), *range(t_hi, count)]:
-            terms = [(grad.narrow(axis, t + d, 1), weights[j]) for j, d in offsets.items() if lo <= t + d < hi]
-            _weighted_sum(result.narrow(axis, phase + t * s, 1), terms, exact)
-    # Border outputs: each padded position folds back onto the sample it copied.
-    for i in [*range(lo), *range(hi, outputs)]:
-        for source, w in _border_sources(i, n, k, s, mode).items():
-            result.narrow(axis, source, 1).add_(grad.narrow(axis, i, 1), alpha=w)
-    return result
+        edges = [*range(t_lo), *range(t_hi, count)]
+        rows = [
+            (phase + t * s, tuple((t + d, weights[j]) for j, d in offsets.items() if 0 <= t + d < a.outputs))
+            for t in edges
+        ]
+        for targets, terms in _mirror_passes(rows, pair=columns):
+            _weighted_sum(_at(result, axis, targets), [(_at(grad, axis, sources), w) for sources, w in terms], exact)
+    lo, hi = interior(n, k, s)
+    borders = [*range(lo), *range(hi, a.outputs)]
+    folds = [(source, ((i, w),)) for i in borders for source, w in _border_sources(i, n, k, s, a.mode, True)]
+    for targets, ((sources, w),) in _mirror_passes(folds, pair=columns):
+        _at(result, axis, targets).add_(_at(grad, axis, sources), alpha=w)
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """The filter, or its adjoint, along the last axis at stride 1 as one running mean over whole rows.
+
+    ``offsets``: where each tap reads, relative to the output, in ``_tap_order``; ``means``:
+    the ``lerp`` weight of every tap after the first, per output; ``scales``: per output,
+    the sum of its weights where they do not all sum to one (the adjoint at reflected borders).
+    """
+
+    offsets: tuple[int, ...]
+    means: tuple[tuple[float, ...], ...]
+    scales: tuple[float, ...] | None
+
+
+@cache
+def _row_plan(n: int, k: int, mode: str, adjoint: bool) -> RowPlan | None:
+    """The ``RowPlan`` of a ``k``-tap blur (or ``adjoint``) of ``n`` samples, or ``None``.
+
+    Where padding only repeats samples of the window itself (reflect with an odd number of
+    taps, replicate) a border output is its window with other weights: weight 0 for a tap
+    that reads padding, more on the tap it copies, and the same holds for the adjoint.
+    Then every output is the same running mean over the same shifted views, with weights
+    of its own: no border passes. ``None`` where padding reads outside the window
+    (circular, reflect with an even number of taps), adds zeros, where there is no mean
+    (one tap), or where the axis is shorter than the filter.
+
+    Example:
+        >>> _row_plan(4, 3, "reflect", adjoint=False)  # output 0 reads x[1] twice: tap 2, not tap 0
+        RowPlan(offsets=(-1, 1, 0), means=((1.0, 0.5, 0.5, 0.0), (0.5, 0.5, 0.5, 0.5)), scales=None)
+    """
+    if k == 1 or n < k or mode in ("zeros", "circular"):
+        return None
+    before, _ = taps_padding(k)
+    taps = [[0.0] * k for _ in range(n)]  # the weight of tap j in output i
+    for i, tap_weights in enumerate(taps):
+        for j, w in enumerate(_weights(k)):
+            tap = _source(i + j - before, n, mode) - i + before
+            if not 0 <= tap < k:
+                return None
+            tap_weights[tap] += w
+    if adjoint:  # input p receives tap j of output p + before - j
+        taps = [[taps[p + before - j][j] if 0 <= p + before - j < n else 0.0 for j in range(k)] for p in range(n)]
+    order = _tap_order(k)
+    totals = [tap_weights[order[0]] for tap_weights in taps]
+    means = []
+    for j in order[1:]:
+        totals = [total + tap_weights[j] for total, tap_weights in zip(totals, taps, strict=True)]
+        means.append(tuple(w[j] / total if total else 0.0 for w, total in zip(taps, totals, strict=True)))
+    offsets = tuple(before - j if adjoint else j - before for j in order)
+    return RowPlan(offsets, tuple(means), None if all(t == 1 for t in totals) else tuple(totals))
+
+
+def _filter_rows(out: torch.Tensor, x: torch.Tensor, plan: RowPlan) -> None:
+    """Rows 1 to R - 2 of ``out`` from the rows of ``x`` (R, size), as ``plan`` says: no border passes.
+
+    Each tap is one view of all the rows, which at the border outputs reads the row before
+    or after: those taps get weight 0, or are overwritten (weight 1) later in the running
+    mean, and ``lerp`` with weight 0 or 1 gives the other operand exactly when both are
+    finite (``SeparableBlur`` recomputes the rare others).
+    """
+    n = x.shape[-1]
+
+    def tap(offset: int) -> torch.Tensor:
+        return x.as_strided(out.shape, (n, 1), x.storage_offset() + n + offset)
+
+    first, second, *rest = plan.offsets
+    means = [torch.tensor(m, dtype=x.dtype) for m in plan.means]
+    torch.lerp(tap(first), tap(second), means[0], out=out)
+    for offset, m in zip(rest, means[1:], strict=True):
+        out.lerp_(tap(offset), m)
+    if plan.scales:
+        out.mul_(torch.tensor(plan.scales, dtype=x.dtype))
