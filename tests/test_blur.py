@@ -7,7 +7,9 @@ import torch
 from blur_reference import PASCAL
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
+import fxblur
 from fxblur import Blur, blur
 from fxblur.ops.ceil_mode import ceil_mode_padding, pad_for_ceil_mode
 from fxblur.ops.filters import binomial_filter
@@ -75,6 +77,37 @@ def test_module_follows_dtype_and_meta_initialisation():
     on_meta.to_empty(device="cpu")
     on_meta.reset_parameters()
     assert torch.equal(on_meta.filter, Blur(stride=2).filter)
+
+
+def test_module_refills_its_filter_whenever_it_is_moved_or_materialised():
+    with torch.device("meta"):
+        on_meta = Blur(filter_size=(3, 4), stride=2)
+    expected = Blur(filter_size=(3, 4), stride=2).filter
+    assert torch.equal(on_meta.to_empty(device="cpu").filter, expected)
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        assert torch.equal(on_meta.to(dtype).filter, expected.to(dtype))
+
+
+def test_model_built_on_meta_then_materialised_blurs_like_one_built_on_cpu():
+    def build() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.Conv2d(16, 8, 3, 2))
+
+    on_cpu = fxblur.transform(build(), verbose=False)
+    with torch.device("meta"):
+        on_meta = fxblur.transform(build(), verbose=False)
+    on_meta.to_empty(device="cpu")  # the large-model recipe: materialise, then load the weights
+    on_meta.load_state_dict(on_cpu.state_dict())
+    x = torch.randn(2, 3, 29, 29).contiguous(memory_format=torch.channels_last)  # the convolution paths
+    assert torch.equal(on_meta(x), on_cpu(x))
+    assert torch.equal(on_meta.bfloat16()(x.bfloat16()), on_cpu.bfloat16()(x.bfloat16()))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int64, torch.bool])
+def test_non_floating_input_is_a_type_error_that_says_what_to_do(dtype):
+    x = torch.ones(1, 2, 5, 5, dtype=dtype)
+    for run in (lambda t: blur(t, 2), Blur(stride=2), Blur(stride=1)):
+        with pytest.raises(TypeError, match=rf"floating-point input, got {dtype}.*x\.float\(\)"):
+            run(x)
 
 
 def test_module_accepts_unbatched_input_like_conv2d():

@@ -7,8 +7,11 @@ numbers, gradients and memory format.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+import torch.nn.functional as F
 from blur_reference import reference_blur
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -59,6 +62,75 @@ def test_values_and_gradients_equal_the_reference(implementation, layout, height
     reference_input = x64.clone().requires_grad_()
     (wanted,) = torch.autograd.grad(reference_blur(reference_input, stride, sizes, mode), reference_input, grad)
     torch.testing.assert_close(got, wanted, atol=1e-12, rtol=0)
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+def with_specials(x: torch.Tensor, specials: list[tuple[float, int]]) -> torch.Tensor:
+    """``x`` with each (value, position) written at that position modulo its size."""
+    x = x.clone()
+    for value, position in specials:
+        x.view(-1)[position % x.numel()] = value
+    return x
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    implementation=st.sampled_from(sorted(IMPLEMENTATIONS)),
+    layout=st.sampled_from(["nchw", "channels_last"]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    height=st.integers(1, 9),
+    width=st.integers(1, 9),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    sizes=st.tuples(st.integers(1, 7), st.integers(1, 7)),
+    mode=st.sampled_from(PADDING_MODES),
+    specials=st.lists(st.tuples(st.sampled_from([INF, -INF, NAN]), st.integers(0, 10**6)), min_size=1, max_size=4),
+)
+def test_non_finite_values(implementation, layout, dtype, height, width, stride, sizes, mode, specials):
+    """Infinities and NaN give the reference's results, in the input and in the gradient."""
+    run = IMPLEMENTATIONS[implementation]
+    x64 = with_specials(torch.randn(2, 3, height, width, dtype=torch.float64), specials)
+    expected = reference_blur(x64, stride, sizes, mode)
+    x = in_layout(x64.to(dtype), layout).requires_grad_()
+    y = run(x, stride, sizes, mode)
+    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-6, equal_nan=True)
+
+    grad = with_specials(torch.randn_like(expected), specials)
+    reference_input = x64.clone().requires_grad_()
+    (wanted,) = torch.autograd.grad(reference_blur(reference_input, stride, sizes, mode), reference_input, grad)
+    (got,) = torch.autograd.grad(y, x, in_layout(grad.to(dtype), layout))
+    torch.testing.assert_close(got.double(), wanted, atol=1e-5, rtol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("implementation", sorted(IMPLEMENTATIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_values_beyond_half_the_range_do_not_overflow(implementation, dtype):
+    # +-0.75 * max, alternating: differences of neighbours overflow, the blurred values do not
+    huge = 0.75 * torch.finfo(dtype).max
+    checkerboard = torch.tensor([[huge, -huge], [-huge, huge]], dtype=dtype).repeat(2, 3, 4, 4)
+    run = IMPLEMENTATIONS[implementation]
+    for stride, mode in itertools.product((1, 2), PADDING_MODES):
+        strides = (stride, stride)
+        x = checkerboard.clone().requires_grad_()
+        y = run(x, strides, (3, 3), mode)
+        reference_input = checkerboard.double().requires_grad_()
+        expected = reference_blur(reference_input, strides, (3, 3), mode)
+        torch.testing.assert_close(y.double(), expected, rtol=1e-6, atol=1e-6 * huge)
+        grad = checkerboard[..., ::stride, ::stride]
+        (wanted,) = torch.autograd.grad(expected, reference_input, grad.double())
+        (got,) = torch.autograd.grad(y, x, grad)
+        torch.testing.assert_close(got.double(), wanted, rtol=1e-6, atol=1e-6 * huge)
+
+
+def test_masking_with_minus_inf_before_a_blurred_max_pool():
+    # Masked positions stay -inf through the blur, so the pool picks the unmasked neighbours.
+    x = torch.randn(2, 4, 12, 12).masked_fill(torch.rand(2, 1, 12, 12) < 0.3, -INF)
+    outputs = [F.max_pool2d(fxblur.blur(in_layout(x, layout), 1), 2, 2) for layout in ("nchw", "channels_last")]
+    expected = F.max_pool2d(reference_blur(x.double(), (1, 1), (3, 3), "reflect"), 2, 2)
+    for y in outputs:
+        assert not y.isnan().any()
+        torch.testing.assert_close(y.double(), expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("implementation", ["separable", "depthwise"])

@@ -61,6 +61,25 @@ def test_values_and_gradients_are_pytorchs_exactly(geometry, levels):
     assert torch.equal(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(expected, x, grad)[0])
 
 
+@settings(max_examples=100, deadline=None)
+@given(geometry=geometries(), levels=st.integers(2, 100))
+def test_second_order_and_forward_mode_route_like_pytorchs(geometry, levels):
+    # The backward is linear in the gradient and constant in x: its derivatives are the
+    # routing itself (to the first maximum, ties included) and zero, bit for bit.
+    sizes, kernel, padding, dilation = geometry
+    x = torch.randint(0, levels, (2, 3, *sizes)).double().requires_grad_()
+    grad = torch.randint(-9, 10, native(x, kernel, padding, dilation).shape).double().requires_grad_()
+    tangent = torch.randint(-9, 10, x.shape).double()
+    derivatives = []
+    for pool in (native, separable_max_pool):
+        (grad_x,) = torch.autograd.grad(pool(x, kernel, padding, dilation), x, grad, create_graph=True)
+        second = torch.autograd.grad((grad_x * tangent).sum(), (grad, x), allow_unused=True, materialize_grads=True)
+        _, forward = torch.func.jvp(lambda t, pool=pool: pool(t, kernel, padding, dilation), (x.detach(),), (tangent,))
+        derivatives.append((*second, forward))
+    for got, expected in zip(*derivatives[::-1], strict=True):
+        assert torch.equal(got, expected)
+
+
 def test_float32_on_a_resnet_stem_sized_map():
     x = torch.randn(2, 64, 56, 56).relu().requires_grad_()  # ReLU's zeros: ties everywhere
     expected = F.max_pool2d(x, 3, 1, 1)

@@ -17,7 +17,10 @@ oneDNN kernel for it, a depthwise convolution after a padded copy costs several 
 memory traffic it needs; on the others the two are close) or, channels-last, where they
 subsample; a depthwise convolution (``fxblur.ops.depthwise``) everywhere else: channels-last
 at stride 1 (oneDNN's kernel makes one pass), CUDA (cuDNN), half precision, ``meta``
-tensors, ``torch.compile`` (which fuses it), TorchScript and ``torch.jit.trace``.
+tensors, ``torch.compile`` (which fuses it), TorchScript and ``torch.jit.trace``. Both give
+the same derivatives of every order (Hessians, gradient penalties, forward mode,
+``torch.func``), and the same infinities and NaN for non-finite inputs. The input must be
+floating point: a blur of an integer image is a float operation, so convert it first.
 
 Example:
     >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
@@ -74,8 +77,17 @@ def blur(
 def blur_with_kernel(x: torch.Tensor, kernel: torch.Tensor, stride: Sequence[int], padding_mode: str) -> torch.Tensor:
     """Filter ``x`` with the binomial ``kernel`` (shape: taps per spatial axis) at ``stride``.
 
-    Picks the fastest implementation for ``x`` (see the module docstring).
+    Picks the fastest implementation for ``x`` (see the module docstring). A blur is a
+    floating-point operation: ``TypeError`` for any other dtype.
+
+    Example:
+        >>> blur_with_kernel(torch.ones(1, 1, 3, dtype=torch.uint8), binomial_kernel((3,)), [1], "reflect")
+        Traceback (most recent call last):
+        ...
+        TypeError: blur needs a floating-point input, got torch.uint8: convert it first, e.g. with x.float()
     """
+    if not x.is_floating_point():
+        raise TypeError(f"blur needs a floating-point input, got {x.dtype}: convert it first, e.g. with x.float()")
     if _shifted_views_are_faster(x, stride):
         return separable_blur(x, kernel.shape, stride, padding_mode)
     return depthwise_blur(x, kernel, list(stride), padding_mode)

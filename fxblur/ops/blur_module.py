@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +18,10 @@ class Blur(nn.Module):
 
     The filter is a non-persistent buffer: it moves with ``.to()``, follows ``.half()``,
     and never appears in ``state_dict()``, so checkpoints load with or without blurs.
+    Whatever moves or converts it (``.to()``, ``.half()``, ``.to_empty()``) refills it, so a
+    model built on the ``meta`` device and materialised with ``to_empty()`` blurs correctly
+    (a checkpoint cannot restore the filter: it is not in one). Binomial weights are exact
+    in every floating-point dtype.
 
     Args:
         filter_size: binomial taps per spatial axis (1 to 7); 1 leaves an axis unfiltered.
@@ -53,9 +57,22 @@ class Blur(nn.Module):
         return self.filter_size, self.stride, self.padding_mode
 
     def reset_parameters(self) -> None:
-        """Refill the filter, e.g. after ``to_empty()`` on a model built on the meta device."""
+        """Refill the filter with the binomial kernel, in the filter's dtype and on its device."""
         with torch.no_grad():
             self.filter.copy_(binomial_kernel(self.filter_size))
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Blur:
+        """``nn.Module._apply`` (behind ``.to()``, ``.half()``, ``.to_empty()``), then a refill of the filter.
+
+        Example:
+            >>> with torch.device("meta"):
+            ...     blur = Blur(filter_size=3)
+            >>> blur.to_empty(device="cpu").filter[1]
+            tensor([0.1250, 0.2500, 0.1250])
+        """
+        super()._apply(fn, recurse)
+        self.reset_parameters()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unbatched = x.dim() == len(self.stride) + 1

@@ -16,6 +16,14 @@ the outputs whose maximum it holds, so a later tap that ties gets nothing, and t
 tap takes what is left. (A window holding NaN outputs NaN, as PyTorch's kernel does; its
 gradient goes to the window's last tap on that axis, PyTorch's to the last NaN.)
 
+Derivatives of every order follow from that routing, as for PyTorch's kernel: the pool's
+forward-mode derivative takes each output's tangent from the element its gradient goes
+to (``Route``), the backward is the transpose (``RouteBack``), and both are linear maps
+(``fxblur.ops.eager.apply_linear``) of the tangent or gradient given the pool's input and
+per-axis maxima, so the backward of the backward is ``Route`` again and its derivative in
+the input is zero. Hessians, gradient penalties, forward mode and ``torch.func`` (``grad``,
+``vmap``, ``jacrev``, ``jacfwd``) give PyTorch's numbers, ties included.
+
 ``max_pool_stride_one`` picks this path where it is faster: float32/float64 NCHW tensors
 on CPU in eager mode. Everywhere else, channels-last, CUDA, ``meta``, ``torch.compile``,
 TorchScript and ``torch.jit.trace``, it calls ``F.max_pool{1,2,3}d`` at stride 1.
@@ -30,15 +38,15 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from fxblur.ops.eager import runs_eagerly_on_cpu
+from fxblur.ops.eager import apply, apply_linear, runs_eagerly_on_cpu
 
 
 def max_pool_stride_one(x: Tensor, kernel_size: list[int], padding: list[int], dilation: list[int]) -> Tensor:
@@ -119,33 +127,107 @@ class StrideOneMaxPool3d(nn.MaxPool3d):
 def separable_max_pool(
     x: Tensor, kernel_size: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
 ) -> Tensor:
-    """The stride-1 max pool one axis at a time; differentiable. See the module docstring."""
-    return _SeparableMaxPool.apply(x, tuple(kernel_size), tuple(padding), tuple(dilation))
+    """The stride-1 max pool one axis at a time; differentiable to every order. See the module docstring."""
+    stages = _stages(kernel_size, padding, dilation)
+    if not stages:
+        return x.clone()
+    out, *_ = apply(_SeparableMaxPool, x, stages)
+    return out
+
+
+def _stages(kernel_size: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> tuple[tuple, ...]:
+    """(axis, taps, padding, dilation) of every axis the pool changes, the last axis first.
+
+    Axes count from the end, so a ``vmap`` rule may add leading axes.
+
+    Example:
+        >>> _stages([3, 1], [1, 0], [2, 1])
+        ((-2, 3, 1, 2),)
+    """
+    geometry = zip(range(-len(kernel_size), 0), kernel_size, padding, dilation, strict=True)
+    return tuple(stage for stage in reversed(list(geometry)) if stage[1] > 1 or stage[2] > 0)
 
 
 class _SeparableMaxPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, kernel_size: tuple, padding: tuple, dilation: tuple) -> torch.Tensor:
-        first = x.dim() - len(kernel_size)
-        stages = []  # (axis, taps, padding, dilation), last axis first
-        for axis in reversed(range(first, x.dim())):
-            k, p, d = kernel_size[axis - first], padding[axis - first], dilation[axis - first]
-            if k > 1 or p > 0:
-                stages.append((axis, k, p, d))
-        values = [x]
-        for axis, k, p, d in stages:
-            values.append(_max_axis(values[-1], axis, k, p, d))
-        ctx.stages = stages
-        ctx.save_for_backward(*values)
-        return x.clone() if len(values) == 1 else values[-1]
+    """The pool, stage by stage; returns the output, then each stage's result before it.
+
+    Those intermediate maxima (non-differentiable outputs, so that they may be saved in the
+    ``setup_context`` form ``torch.func`` needs) tell the routing where every maximum came from.
+    """
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        values = ctx.saved_tensors
-        for (axis, k, p, d), source, result in reversed(list(zip(ctx.stages, values[:-1], values[1:], strict=True))):
-            grad = _max_axis_adjoint(grad, source, result, axis, k, p, d)
-        return grad, None, None, None
+    def forward(x: Tensor, stages: tuple) -> tuple[Tensor, ...]:
+        values = [x]
+        for stage in stages:
+            values.append(_max_axis(values[-1], *stage))
+        return values[-1], *values[1:-1]
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, outputs: tuple) -> None:
+        x, stages = inputs
+        out, *between = outputs
+        ctx.mark_non_differentiable(*between)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for outputs that have none
+        ctx.route = Route(stages)
+        ctx.save_for_backward(x, *between, out)
+        ctx.save_for_forward(x, *between, out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor | None, *_: None) -> tuple[Tensor | None, None]:
+        # ``grad`` is None where only the backward's own use of ``out`` (as a constant) leads here
+        return None if grad is None else apply_linear(ctx.route.transpose, grad, *ctx.saved_tensors), None
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor, _: None) -> tuple[Tensor | None, ...]:
+        return apply_linear(ctx.route, tangent, *ctx.saved_tensors), *(None for _ in ctx.route.stages[1:])
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: Tensor, stages: tuple) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+        outputs = _SeparableMaxPool.apply(x.movedim(in_dims[0], 0), stages)
+        return outputs, (0,) * len(outputs)
+
+
+@dataclass(frozen=True)
+class Route:
+    """The pool's derivative: each output takes ``v`` at the element its window's maximum came from.
+
+    A ``LinearMap`` (``fxblur.ops.eager``) of ``v`` given the pool's stage values ``x, *between,
+    out``: it gives the tangent of the pool's output (forward mode); its transpose
+    (``RouteBack``) sends each output's gradient back to that element (the backward pass).
+
+    Example:
+        >>> x = torch.tensor([[[1.0, 3.0, 2.0]]])
+        >>> out = separable_max_pool(x, [2], [0], [1])
+        >>> Route(_stages([2], [0], [1]))(torch.tensor([[[10.0, 20.0, 30.0]]]), x, out)
+        tensor([[[20., 20.]]])
+    """
+
+    stages: tuple[tuple, ...]
+
+    @property
+    def transpose(self) -> RouteBack:
+        return RouteBack(self.stages)
+
+    def __call__(self, v: Tensor, *values: Tensor) -> Tensor:
+        for stage, source, result in zip(self.stages, values[:-1], values[1:], strict=True):
+            v = _pick_axis(v, source, result, *stage)
+        return v
+
+
+@dataclass(frozen=True)
+class RouteBack:
+    """The transpose of ``Route``: each output's gradient to the element its maximum came from."""
+
+    stages: tuple[tuple, ...]
+
+    @property
+    def transpose(self) -> Route:
+        return Route(self.stages)
+
+    def __call__(self, grad: Tensor, *values: Tensor) -> Tensor:
+        for stage, source, result in reversed(list(zip(self.stages, values[:-1], values[1:], strict=True))):
+            grad = _max_axis_adjoint(grad, source, result, *stage)
+        return grad
 
 
 def _tap_range(j: int, n: int, outputs: int, p: int, d: int) -> tuple[int, int]:
@@ -172,20 +254,23 @@ def _max_axis(x: torch.Tensor, axis: int, k: int, p: int, d: int) -> torch.Tenso
     return out
 
 
-def _max_axis_adjoint(
-    grad: torch.Tensor, x: torch.Tensor, out: torch.Tensor, axis: int, k: int, p: int, d: int
-) -> torch.Tensor:
+def _claiming_taps(n: int, outputs: int, k: int, p: int, d: int) -> list[tuple[int, int, int]]:
+    """(tap, lo, hi) of every tap that reads a real sample for some output, in tap order."""
+    taps = [(j, *_tap_range(j, n, outputs, p, d)) for j in range(k)]
+    return [(j, lo, hi) for j, lo, hi in taps if hi > lo]
+
+
+def _max_axis_adjoint(grad: Tensor, x: Tensor, out: Tensor, axis: int, k: int, p: int, d: int) -> Tensor:
     """Route each output's gradient to the first tap of its window that holds the max.
 
     ``unclaimed`` is the gradient of the outputs no tap has claimed yet; a tap claims the
     outputs its sample equals, in tap order, and the last tap takes what is left.
     Winners are 1.0/0.0 floats, so that claiming is two fused multiply-adds.
     """
-    n = x.shape[axis]
-    outputs = out.shape[axis]
-    taps = [(j, *_tap_range(j, n, outputs, p, d)) for j in range(k)]
-    taps = [(j, lo, hi) for j, lo, hi in taps if hi > lo]
-    result = torch.zeros_like(x)
+    shape = list(grad.shape)
+    shape[axis] = x.shape[axis]
+    result = grad.new_zeros(shape)
+    taps = _claiming_taps(x.shape[axis], out.shape[axis], k, p, d)
     unclaimed = grad
     for i, (j, lo, hi) in enumerate(taps):
         target = result.narrow(axis, lo + j * d - p, hi - lo)
@@ -201,3 +286,24 @@ def _max_axis_adjoint(
             claimable = unclaimed.narrow(axis, lo, hi - lo)
         claimable.addcmul_(claimable, wins, value=-1)
     return result
+
+
+def _pick_axis(v: Tensor, x: Tensor, out: Tensor, axis: int, k: int, p: int, d: int) -> Tensor:
+    """The transpose of ``_max_axis_adjoint``: each output takes ``v`` at the tap it routes to.
+
+    Taps overwrite the outputs they win from the last tap to the first, so the first
+    winning tap has the last word; the last tap gives what no tap wins (a NaN window).
+    """
+    shape = list(v.shape)
+    shape[axis] = out.shape[axis]
+    picked = v.new_zeros(shape)
+    taps = _claiming_taps(x.shape[axis], out.shape[axis], k, p, d)
+    for i, (j, lo, hi) in enumerate(reversed(taps)):
+        target = picked.narrow(axis, lo, hi - lo)
+        taken = v.narrow(axis, lo + j * d - p, hi - lo)
+        if i == 0:
+            target.copy_(taken)
+        else:
+            wins = torch.eq(x.narrow(axis, lo + j * d - p, hi - lo), out.narrow(axis, lo, hi - lo))
+            torch.where(wins, taken, target, out=target)
+    return picked
