@@ -1,9 +1,10 @@
-"""Lazy modules: the result works on every call, the original stays lazy, a lazy strided conv gets a true reason."""
+"""Lazy and meta-initialised models: the result works on every call, the original stays as it was."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 import fxblur
@@ -31,3 +32,18 @@ def test_a_lazy_strided_conv_is_skipped_with_a_true_reason_or_rewritten():
         assert gm(x).shape == gm(x).shape == (2, 8, 3, 3)
     assert model[0].has_uninitialized_params()
     assert model(x).shape == (2, 8, 3, 3)
+
+
+@pytest.mark.parametrize("options", [{}, {"preset": "zhang2019"}, {"polyphase": True}])
+def test_a_model_built_on_meta_then_materialised_and_loaded_blurs_correctly(options):
+    real = torchvision.models.resnet18().eval()
+    with torch.device("meta"):
+        on_meta = torchvision.models.resnet18()
+    gm = fxblur.transform(on_meta, verbose=False, **options)
+    gm.to_empty(device="cpu")  # the large-model recipe: no manual reset of the blur filters
+    gm.load_state_dict(real.state_dict())
+    gm.eval()
+    expected = fxblur.transform(real, verbose=False, **options)
+    x = torch.randn(2, 3, 64, 64)
+    for memory_format in (torch.contiguous_format, torch.channels_last):  # channels-last reads the filter buffers
+        torch.testing.assert_close(gm(x.to(memory_format=memory_format)), expected(x), rtol=1e-4, atol=1e-5)
