@@ -45,6 +45,7 @@ from fxblur.changes import Change, changes, flat_graph_module, obstacles_of
 from fxblur.costs import blurred_op_extra, node_bytes, node_macs, output_of, propagate_shapes
 from fxblur.rewrite.nesting import Nesting, nesting_of
 from fxblur.rewrite.partial import Parts, parts_of
+from fxblur.rewrite.tracer import specialised_of
 
 FORMATS = (*tabulate_formats, "json")
 
@@ -77,6 +78,8 @@ class Report:
     which modules could not be traced and run as before. ``nesting`` says which modules got
     a forward of their own and which were inlined into their callers (their hooks no
     longer fire); it is ``None`` for a flat result (``transform(flatten=True)``).
+    ``specialised``: the ``forward`` arguments the trace fixed to their defaults (the result
+    accepts no other value for them; ``fxblur.rewrite.tracer.default_arguments``).
     """
 
     model: str
@@ -87,6 +90,7 @@ class Report:
     parts: Parts | None = None
     nesting: Nesting | None = None
     obstacles: dict[str, str] | None = None
+    specialised: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def blurred(self) -> int:
@@ -116,6 +120,9 @@ class Report:
             lines[0] += f" - nothing blurred ({'; '.join(reasons)})"
         if self.obstacles is not None:
             lines.append(_invariance(self.obstacles))
+        if self.specialised:
+            fixed = ", ".join(f"{name}={value!r}" for name, value in self.specialised.items())
+            lines.append(f"forward arguments fixed to their defaults: {fixed}")
         if self.nesting is not None and self.nesting.inlined:
             inlined = ", ".join(f"{item.path} ({item.reason})" for item in self.nesting.inlined)
             lines.append(f"inlined into their callers, no longer called as modules: {inlined}")
@@ -174,6 +181,7 @@ class Report:
                 "parts": None if self.parts is None else asdict(self.parts),
                 "nesting": None if self.nesting is None else asdict(self.nesting),
                 "obstacles": self.obstacles,
+                "specialised": self.specialised,
             },
             indent=2,
         )
@@ -210,10 +218,10 @@ def report(gm: nn.Module, input_shape: Sequence[int] | torch.Tensor | None = Non
             f"{model} was rewritten in parts ({', '.join(parts.rewritten) or 'none'}): sizes and costs need "
             "one graph; pass each part with its own input shape, e.g. report(model.<part>, input_shape)"
         )
-    nesting, obstacles = nesting_of(gm), obstacles_of(gm)
+    nesting, obstacles, specialised = nesting_of(gm), obstacles_of(gm), specialised_of(gm)
     if input_shape is None:
         rows = tuple(_row(change) for change in decisions)
-        return Report(model, rows, parts=parts, nesting=nesting, obstacles=obstacles)
+        return Report(model, rows, parts=parts, nesting=nesting, obstacles=obstacles, specialised=specialised)
     flat = flat_graph_module(gm)
     example = input_shape if isinstance(input_shape, torch.Tensor) else _example(gm, tuple(input_shape))
     propagate_shapes(flat, example)
@@ -221,7 +229,16 @@ def report(gm: nn.Module, input_shape: Sequence[int] | torch.Tensor | None = Non
     rows = tuple(_row(change, nodes, flat) for change in decisions)
     macs_after = sum(node_macs(node, flat) for node in flat.graph.nodes)
     macs_before = macs_after - sum(row.extra_macs or 0 for row in rows)
-    return Report(model, rows, tuple(example.shape), macs_before, macs_after, nesting=nesting, obstacles=obstacles)
+    return Report(
+        model,
+        rows,
+        tuple(example.shape),
+        macs_before,
+        macs_after,
+        nesting=nesting,
+        obstacles=obstacles,
+        specialised=specialised,
+    )
 
 
 def _row(change: Change, nodes: dict[str, fx.Node] | None = None, gm: fx.GraphModule | None = None) -> Row:

@@ -32,7 +32,7 @@ from fxblur.rewrite.cloning import share_tensors
 from fxblur.rewrite.graph_module import assemble, graph_module_over, working_module
 from fxblur.rewrite.nesting import ModeGraph, changed_calls, nest, snapshot, store_nesting, warn_about_hooks
 from fxblur.rewrite.partial import parts_of, rewrite_parts
-from fxblur.rewrite.tracer import Traced, UntraceableModelError, trace
+from fxblur.rewrite.tracer import Traced, UntraceableModelError, concrete_name, store_specialised, trace
 
 
 class NoEffectWarning(UserWarning):
@@ -121,7 +121,12 @@ def transform(
         leaf_modules: module classes or paths to call as a whole instead of tracing into
             (for code torch.fx cannot trace; strided ops inside them are not blurred).
         concrete_args: fixed values for non-tensor ``forward`` arguments, as in
-            ``torch.fx.symbolic_trace``.
+            ``torch.fx.symbolic_trace``. Arguments after the input that it does not name
+            are fixed at their defaults where those are ``None``, a bool, int, float or
+            str, and ``*args`` / ``**kwargs`` at none (``fxblur.report`` lists them): the
+            result computes what the model does when called with the input alone, and
+            raises an ``AssertionError`` naming the argument if called with another
+            value. ``{"mask": torch.fx.PH}`` keeps an argument an input.
         verbose: print the change report.
 
     Returns:
@@ -208,7 +213,7 @@ def _rewrite(
     whose own code needs no change keeps its class. ``reached``: ids of modules that code
     outside the trace also uses; like those inside leaf modules, they must not change.
     """
-    traces = _trace_each_mode(root, leaf_modules, concrete_args)
+    traces = _trace_each_mode(root, leaf_modules, concrete_args, specialise_defaults=not scope)
     unique = list({id(traced): traced for traced in (traces[root.training], traces[not root.training])}.values())
     working = {id(traced): working_module(root, traced.graph) for traced in unique}
     before = {id(traced): snapshot(traced.graph) for traced in unique}
@@ -245,6 +250,7 @@ def _rewrite(
         result, nesting = nest(root, modes, frozen, graph_module_over, keep_unchanged_root=bool(scope))
         store_nesting(result, nesting)
     store(result, decisions)
+    store_specialised(result, traces[root.training].specialised)
     if options.polyphase or options.circular_padding:
         store_obstacles(result, obstacles)
     for traced in unique:
@@ -318,18 +324,22 @@ def _inside_leaves(root: nn.Module, traces: Iterable[Traced]) -> list[Change]:
     return found
 
 
-def _trace_each_mode(root: nn.Module, leaf_modules: tuple, concrete_args: dict | None) -> dict[bool, Traced]:
+def _trace_each_mode(
+    root: nn.Module, leaf_modules: tuple, concrete_args: dict | None, specialise_defaults: bool
+) -> dict[bool, Traced]:
     """Trace ``root`` as it is, then in the other mode; one trace for both if they are the same.
 
     Per-module modes are restored afterwards (``root`` is fxblur's own copy, but a model
     in train mode with frozen BatchNorms in eval should come back exactly so).
+    ``specialise_defaults``: fix ``forward``'s constant defaults (not for a part of a model
+    that untraced code calls with arguments fxblur does not see).
     """
     modes = {module: module.training for module in root.modules()}
     current = root.training
     try:
-        traces = {current: trace(root, leaf_modules, concrete_args)}
+        traces = {current: trace(root, leaf_modules, concrete_args, specialise_defaults)}
         root.train(not current)
-        traces[not current] = trace(root, leaf_modules, concrete_args)
+        traces[not current] = trace(root, leaf_modules, concrete_args, specialise_defaults)
     finally:
         root.train(current)  # lets a TrainEvalGraphModule switch back to its graph
         for module, training in modes.items():
@@ -354,10 +364,13 @@ def _warn_about_options_that_match_nothing(
             problems.append(f"leaf_modules path {leaf!r} names no module{hint}")
         elif isinstance(leaf, type) and not any(isinstance(m, leaf) for m in paths.values()):
             problems.append(f"leaf_modules class {leaf.__name__} has no instance in the model")
-    parameters = inspect.signature(type(model).forward).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-        unknown = [name for name in concrete_args or {} if name not in parameters]
-        problems += [f"concrete_args names {name!r}, which forward does not take" for name in unknown]
+    parameters = list(inspect.signature(type(model).forward).parameters.values())
+    names = {concrete_name(p): p for p in parameters}
+    for name in (name for name in concrete_args or {} if name not in names):
+        variadic = next((n for n, p in names.items() if p.name == name), None)  # torch.fx spells them *args, **kwargs
+        problems.append(
+            f"concrete_args names {name!r}, which forward does not take" + (f" (say {variadic!r})" if variadic else "")
+        )
     for problem in problems:
         warnings.warn(f"{problem}; it has no effect", UserWarning, stacklevel=3)
 
