@@ -12,6 +12,7 @@ from fxblur.ops.blur import blur
 from fxblur.ops.blur_module import Blur
 from fxblur.report import Report, report
 from fxblur.rewrite.known_layers import trust_forward
+from fxblur.rewrite.nesting import HookWarning
 from fxblur.rewrite.tracer import BlurTracer, UntraceableModelError
 from fxblur.transform import NoEffectWarning, transform
 
@@ -19,6 +20,7 @@ __all__ = [
     "Blur",
     "BlurTracer",
     "Change",
+    "HookWarning",
     "NoEffectWarning",
     "Report",
     "UntraceableModelError",

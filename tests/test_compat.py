@@ -16,7 +16,11 @@ import fxblur
 from fxblur.rewrite.graph_module import TrainEvalGraphModule
 from support import TrainOnlyHead
 
-MODELS = {"resnet50": torchvision.models.resnet50, "mobilenet_v3_small": torchvision.models.mobilenet_v3_small}
+MODELS = {  # a model and the options it is rewritten with
+    "resnet50": (torchvision.models.resnet50, {}),
+    "mobilenet_v3_small": (torchvision.models.mobilenet_v3_small, {}),
+    "resnet18 polyphase": (torchvision.models.resnet18, {"polyphase": True, "circular_padding": True}),
+}
 
 
 def calibrated(model: nn.Module) -> nn.Module:
@@ -43,8 +47,9 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor) -> None:
 def pair(request):
     """A calibrated torchvision model and its rewrite."""
     torch.manual_seed(0)
-    model = calibrated(MODELS[request.param]())
-    return model, fxblur.transform(model, verbose=False)
+    build, options = MODELS[request.param]
+    model = calibrated(build())
+    return model, fxblur.transform(model, verbose=False, **options)
 
 
 def test_torch_compile_fullgraph_matches_eager(pair):

@@ -28,7 +28,7 @@ TIMEOUT_S = 120
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-def blurred_net() -> nn.Module:
+def blurred_net(options: dict) -> nn.Module:
     """The same transformed network in every process (no BatchNorm: its statistics are per process)."""
     torch.manual_seed(0)
     net = nn.Sequential(
@@ -44,7 +44,7 @@ def blurred_net() -> nn.Module:
         nn.Flatten(),
         nn.Linear(32, 10),
     )
-    return fxblur.transform(net, verbose=False)
+    return fxblur.transform(net, verbose=False, **options)
 
 
 def blurred_resnet() -> nn.Module:
@@ -87,10 +87,10 @@ def _connect(rank: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
-def _ddp_worker(rank: int, port: int, out: str) -> None:
+def _ddp_worker(rank: int, port: int, out: str, options: dict) -> None:
     _connect(rank, port)
     try:
-        model = DistributedDataParallel(blurred_net())
+        model = DistributedDataParallel(blurred_net(options))
         grads, params = train(model, global_batches(), rank, WORLD_SIZE)
         strip = len("module.")
         torch.save(
@@ -128,9 +128,9 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _run_ranks(worker, tmp_path: Path) -> list[dict]:
+def _run_ranks(worker, tmp_path: Path, *args) -> list[dict]:
     context = mp.start_processes(
-        worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+        worker, args=(_free_port(), str(tmp_path), *args), nprocs=WORLD_SIZE, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=1):  # raises if a rank failed
@@ -147,13 +147,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_on_two_gloo_ranks_matches_a_single_process_run(tmp_path):
-    ranks = _run_ranks(_ddp_worker, tmp_path)
+@pytest.mark.parametrize("options", [{}, {"polyphase": True}], ids=["blur", "polyphase"])
+def test_ddp_on_two_gloo_ranks_matches_a_single_process_run(tmp_path, options):
+    ranks = _run_ranks(_ddp_worker, tmp_path, options)  # polyphase: each sample's phase is its own
 
     for name, value in ranks[0]["params"].items():
         assert torch.equal(ranks[1]["params"][name], value), name  # DDP keeps the replicas identical
 
-    single = blurred_net()
+    single = blurred_net(options)
     assert any(change.action != "skipped" for change in fxblur.changes(single))
     grads, params = train(single, global_batches())
     for step in range(STEPS):

@@ -23,11 +23,11 @@ The ops are split so that a graph rewrite can place them on either side of a str
 
 ``phase_of`` first reduces the channels to what every position adds to the norm (its square,
 absolute value or largest absolute value): a shifted input gives every position the same
-bits there. It then wraps that map, C times smaller, around to a multiple of the stride
-(odd sizes cost no padded copy of the input), makes each component an axis of its own and
-sums the positions in float64, so that the order a shift brings changes a component's norm
-by float64 rounding only: two components must agree to about 1e-13 before float rounding
-can change which one a shifted input picks (float32 sums flip such near-ties now and then).
+bits there. From that map, C times smaller, each component gathers its positions
+(wrapping around at odd sizes: no padded copy of the input) and sums them in float64, so
+that the order a shift brings changes a component's norm by float64 rounding only: two
+components must agree to about 1e-13 before float rounding can change which one a shifted
+input picks (float32 sums flip such near-ties now and then).
 
 ``roll_to_phase`` and ``select_phase`` are one gather each: per sample, the flat spatial
 index that every output sample reads, computed from the offsets with integer arithmetic and
@@ -90,7 +90,7 @@ def phase_of(x: Tensor, stride: list[int], norm: str = "l2") -> Tensor:
     """
     _check_norm(norm)
     _check_stride(x, stride)
-    first_largest = _component_norms(x.detach(), stride, norm).flatten(1).argmax(1)  # the first of equal maxima
+    first_largest = _component_norms(x.detach(), stride, norm).argmax(1)  # the first of equal maxima
     offsets: list[Tensor] = []
     later = 1
     for i in range(len(stride) - 1, -1, -1):  # unravel the row-major index, last axis first
@@ -165,19 +165,28 @@ torch.fx.wrap("select_phase")
 
 
 def _component_norms(x: Tensor, stride: list[int], norm: str) -> Tensor:
-    """Every component's norm (for ``"l2"``, its square: they order alike): (N, *stride), float64.
+    """Every component's norm (for ``"l2"``, its square: they order alike): (N, prod(stride)), float64.
 
-    The channels are reduced per position first, in the input's order, so that a shifted
-    input gives every position the same bits; the positions are then summed in float64, so
-    that the order a shift brings changes a component's norm by float64 rounding only: two
-    components must be equal to about 1e-13 for a shift to change which one is largest.
+    Components come in row-major order of their offsets. The channels are reduced per position
+    first, in the input's order, so that a shifted input gives every position the same bits;
+    each component then gathers its positions (wrapping around at odd sizes) and sums them in
+    float64, so that the order a shift brings changes its norm by float64 rounding only: two
+    components must be equal to about 1e-13 for a shift to change which one is largest. The
+    gathers depend on no size, so ``torch.export`` keeps sizes dynamic.
     """
-    spatial = len(stride)
-    components = _components_as_axes(_contributions(x, norm), stride)  # (N, blocks, stride, ...)
-    blocks = [1 + 2 * i for i in range(spatial)]
+    contributions = _contributions(x, norm)  # (N, *spatial), C times smaller than x
+    components = [contributions]
+    for i, s in enumerate(stride):
+        size = contributions.shape[1 + i]
+        first = torch.arange((size + s - 1) // s, device=x.device) * s
+        split: list[Tensor] = []
+        for each in components:
+            split += [each.index_select(1 + i, (first + p) % size) for p in range(s)]
+        components = split
+    spatial = [1 + i for i in range(len(stride))]
     if norm == "linf":
-        return components.amax(blocks).double()
-    return components.sum(blocks, dtype=torch.float64)
+        return torch.stack([each.amax(spatial).double() for each in components], 1)
+    return torch.stack([each.sum(spatial, dtype=torch.float64) for each in components], 1)
 
 
 def _contributions(x: Tensor, norm: str) -> Tensor:
@@ -226,23 +235,6 @@ def _check_phase(x: Tensor, phase: Tensor) -> None:
         raise ValueError(f"phase must hold integer offsets, got {phase.dtype}")
 
 
-def _components_as_axes(x: Tensor, stride: list[int]) -> Tensor:
-    """``x`` with its last ``len(stride)`` axes wrapped to multiples of the strides and split into (blocks, stride).
-
-    Along a split axis, index ``p`` of the stride axis is component ``p``. Wrapping copies ``x``
-    (``phase_of`` wraps only maps reduced over the channels), so only the axes that need it are wrapped.
-    """
-    first = x.dim() - len(stride)
-    shape = list(x.shape[:first])
-    for i, s in enumerate(stride):
-        size = x.shape[first + i]
-        blocks = (size + s - 1) // s
-        if blocks * s != size:
-            x = x.index_select(first + i, torch.arange(blocks * s, device=x.device) % size)
-        shape += [blocks, s]
-    return x.reshape(shape)  # a view: it only splits axes
-
-
 def _read_grid(x: Tensor, phase: Tensor, stride: list[int]) -> Tensor:
     """``out[n, c, k, l] = x[n, c, (p0 + k * s0) % H, (p1 + l * s1) % W]``, one gather."""
     sizes = x.shape[2:]
@@ -260,8 +252,12 @@ def _read_grid(x: Tensor, phase: Tensor, stride: list[int]) -> Tensor:
 
 def _flat_index(phase: Tensor, sizes: list[int], stride: list[int]) -> Tensor:
     """Per sample, the row-major flat index into the spatial axes that every grid point reads: (N, prod(grid))."""
-    index = torch.zeros_like(phase[:, :1], dtype=torch.int64)
-    for i in range(len(stride)):
-        along = (torch.arange(0, sizes[i], stride[i], device=phase.device) + phase[:, i : i + 1]) % sizes[i]
-        index = (index.unsqueeze(2) * sizes[i] + along.unsqueeze(1)).flatten(1)
+    index = _along(phase, sizes, stride, 0)
+    for i in range(1, len(stride)):  # no axis of size 1 to flatten: torch.export keeps the sizes dynamic
+        index = (index.unsqueeze(2) * sizes[i] + _along(phase, sizes, stride, i).unsqueeze(1)).flatten(1)
     return index
+
+
+def _along(phase: Tensor, sizes: list[int], stride: list[int], i: int) -> Tensor:
+    """Per sample, the indices along axis ``i`` that the grid reads: (N, ceil(size / stride))."""
+    return (torch.arange(0, sizes[i], stride[i], device=phase.device) + phase[:, i : i + 1].long()) % sizes[i]
