@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy as copy_module
 import difflib
 import fnmatch
+import functools
 import inspect
 import warnings
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,7 +33,7 @@ from fxblur.rewrite.calls import SITE, forget_calls, name_sites
 from fxblur.rewrite.cloning import share_tensors
 from fxblur.rewrite.graph_module import assemble, graph_module_over, working_module
 from fxblur.rewrite.nesting import ModeGraph, changed_calls, nest, snapshot, store_nesting, warn_about_hooks
-from fxblur.rewrite.partial import parts_of, rewrite_parts
+from fxblur.rewrite.partial import Rewrite, _in_model, _re_rooted, parts_of, rewrite_parts
 from fxblur.rewrite.tracer import Traced, UntraceableModelError, concrete_name, store_specialised, trace
 
 
@@ -236,7 +238,14 @@ def _rewrite(
         gm.graph.lint()
     context.install(root)  # only now: every graph had to see the original modules
     obstacles = _pad_circularly(working.values(), frozen) if options.circular_padding else {}
-    decisions = _decisions(list(working.values())) + _inside_leaves(root, unique)
+
+    def rewrite_part(part: nn.Module, path: str, leaves: tuple, reached: frozenset[int]) -> nn.Module:
+        return _rewrite(part, options, leaves, None, flatten=flatten, scope=_joined(scope, path), reached=reached)
+
+    inside = _rewrite_in_registered_leaves(root, unique, leaf_modules, rewrite_part)
+    done = {change.target for change in inside}
+    decisions = _decisions(list(working.values())) + inside
+    decisions += [change for change in _inside_leaves(root, unique) if change.target not in done]
     if options.polyphase or options.circular_padding:
         obstacles = {**_equivariance_obstacles(options, decisions, working.values()), **obstacles}
     if flatten:
@@ -310,6 +319,41 @@ def _frozen_modules(root: nn.Module, traces: Iterable[Traced]) -> frozenset[int]
     """The modules inside leaf modules the graphs call: their code calls them, so they must not change."""
     leaves = {path for traced in traces for path in traced.leaves}
     return frozenset(id(sub) for path in leaves for sub in root.get_submodule(path).modules())
+
+
+def _rewrite_in_registered_leaves(
+    root: nn.Module, traces: Iterable[Traced], leaf_modules: tuple, rewrite: Rewrite
+) -> list[Change]:
+    """Rewrite the parts of the modules timm registers as not traceable, as ``strict=False`` rewrites a model.
+
+    timm's module (``ConvAttention``) is called whole, and its code runs as it is; a child
+    that code only calls whole (a ``ConvLayer`` holding a strided conv) is rewritten on its
+    own (``fxblur.rewrite.partial``). Not inside the user's ``leaf_modules``, which mean
+    "leave whole", nor inside a module that shares a submodule with the rest of the model.
+    """
+    classes = tuple(leaf for leaf in leaf_modules if isinstance(leaf, type))
+    counts = Counter(id(module) for _, module in root.named_modules(remove_duplicate=False))
+    found = []
+    for leaf in sorted({path for traced in traces for path in traced.leaves}):
+        module = root.get_submodule(leaf)
+        if leaf in leaf_modules or isinstance(module, classes) or any(counts[id(sub)] > 1 for sub in module.modules()):
+            continue
+        why = UntraceableModelError(f"inside {leaf} ({type(module).__name__}), which is called whole")
+        in_leaf = functools.partial(_in_leaf, rewrite, leaf)
+        rewrite_parts(module, why, in_leaf, _re_rooted(leaf_modules, leaf))
+        found += [_in_model(change, leaf) for change in changes(module)]
+    return found
+
+
+def _in_leaf(
+    rewrite: Rewrite, leaf: str, part: nn.Module, path: str, leaves: tuple, reached: frozenset[int]
+) -> nn.Module:
+    """``rewrite`` for a part at ``path`` in the module at ``leaf``."""
+    return rewrite(part, f"{leaf}.{path}", leaves, reached)
+
+
+def _joined(scope: str, path: str) -> str:
+    return f"{scope}.{path}" if scope else path
 
 
 def _inside_leaves(root: nn.Module, traces: Iterable[Traced]) -> list[Change]:

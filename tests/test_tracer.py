@@ -238,3 +238,22 @@ def test_timm_vit_keeps_its_blocks_called_as_a_module():
     x = torch.randn(1, 3, 32, 32)
     assert torch.allclose(gm(x), model(x), atol=1e-5)
     assert calls == ["blocks"]
+
+
+def test_a_strided_conv_inside_a_module_timm_registers_as_not_traceable_is_blurred():
+    cpubone = pytest.importorskip("timm.models.cpubone")
+    model = nn.Sequential(cpubone.ConvAttention(96, att_stride=4)).eval()  # traced whole, it fails: called whole
+    before = snapshot(model)
+    gm = fxblur.transform(model, verbose=False)
+    [decision] = fxblur.changes(gm)
+    assert (decision.target, decision.action) == ("0.conv_proj.conv", "blur_before")
+    leaf = gm.get_submodule("0")
+    assert type(leaf) is cpubone.ConvAttention and type(leaf.conv_proj) is type(model[0].conv_proj)
+    assert isinstance(leaf.conv_proj.conv, nn.Conv2d) and leaf.conv_proj.conv is not model[0].conv_proj.conv
+    x = torch.randn(1, 96, 29, 29)
+    assert gm(x).shape == model(x).shape
+    assert torch.allclose(fxblur.transform(model, filter_size=1, verbose=False)(x), model(x), atol=1e-5)
+    assert_same_snapshot(before, snapshot(model))
+    with pytest.warns(fxblur.NoEffectWarning):  # the user's leaves stay whole
+        kept = fxblur.transform(model, leaf_modules=[cpubone.ConvAttention], verbose=False)
+    assert [c.reason for c in fxblur.changes(kept)] == ["inside 0 (ConvAttention), which is called whole"]
