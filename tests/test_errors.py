@@ -64,10 +64,13 @@ def test_concrete_args_fix_a_flag_argument():
                 return y.flatten(1)
             return y
 
-    with pytest.raises(fxblur.UntraceableModelError):
-        fxblur.transform(Flagged(), verbose=False)
+    x = torch.randn(1, 2, 8, 8)
+    at_default = fxblur.transform(Flagged(), verbose=False)  # traced with flatten=True, its default
+    assert at_default(x).shape == at_default(x, True).shape == (1, 32)
+    with pytest.raises(AssertionError, match="flatten"):
+        at_default(x, False)
     gm = fxblur.transform(Flagged(), concrete_args={"flatten": False}, verbose=False)
-    assert gm(torch.randn(1, 2, 8, 8), False).shape == (1, 2, 4, 4)  # torch.fx asserts the fixed value
+    assert gm(x, False).shape == (1, 2, 4, 4)  # torch.fx asserts the fixed value
 
 
 @pytest.mark.parametrize(

@@ -195,8 +195,10 @@ class SharedConv(nn.Module):
 def test_a_conv_a_leaf_module_also_calls_is_blurred_without_changing_the_leaf(options):
     model = SharedConv()
     gm = fxblur.transform(model, leaf_modules=[Doubler], verbose=False, **options)
-    (change,) = fxblur.changes(gm)
+    change, inside_leaf = fxblur.changes(gm)  # the graph's call, then the leaf's call of the same conv
     assert change.action == "blur_before" and type(gm.conv) is nn.Conv2d and gm.leaf.conv is gm.conv
+    assert (inside_leaf.target, inside_leaf.action) == ("leaf.conv", "skipped")
+    assert inside_leaf.reason == "inside leaf (Doubler), which is called whole"
     if options:
         assert change.note.endswith("but its module is also called from outside the graph")
     x = torch.randn(1, 16, 9, 9)
