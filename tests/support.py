@@ -5,10 +5,32 @@ from __future__ import annotations
 import contextlib
 import warnings
 
+import pytest
 import torch
+import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
 from torchvision.models.regnet import BlockParams
+
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def needs_torch(version: tuple[int, int], why: str) -> pytest.MarkDecorator:
+    """Skip a check that fails on the declared minimum, torch 2.4.1, for a reason of torch's own."""
+    return pytest.mark.skipif(version > TORCH_VERSION, reason=f"needs torch >= {version[0]}.{version[1]}: {why}")
+
+
+def _has_cpu_half_reflect_padding() -> bool:
+    try:
+        F.pad(torch.zeros(1, 1, 2, 2, dtype=torch.float16), (1, 1, 1, 1), mode="reflect")
+    except RuntimeError:
+        return False
+    return True
+
+
+needs_cpu_half_padding = pytest.mark.skipif(
+    not _has_cpu_half_reflect_padding(), reason="this torch has no float16 reflect padding on CPU (torch 2.4)"
+)
 
 IMAGE_ZOO = tvm.list_models(module=tvm) + tvm.list_models(module=tvm.segmentation)
 VIDEO_ZOO = tvm.list_models(module=tvm.video)

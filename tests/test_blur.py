@@ -13,6 +13,7 @@ import fxblur
 from fxblur import Blur, blur
 from fxblur.ops.ceil_mode import ceil_mode_padding, pad_for_ceil_mode
 from fxblur.ops.filters import binomial_filter
+from support import needs_cpu_half_padding
 
 
 def test_binomial_filters_are_normalised_rows_of_pascals_triangle():
@@ -68,6 +69,7 @@ def test_module_matches_functional_and_keeps_state_dict_empty():
     assert "stride=(2, 1)" in repr(module)
 
 
+@needs_cpu_half_padding
 def test_module_follows_dtype_and_meta_initialisation():
     module = Blur(stride=2).half()
     assert module.filter.dtype == torch.float16

@@ -14,7 +14,7 @@ from torch.export import Dim
 
 import fxblur
 from fxblur.rewrite.graph_module import TrainEvalGraphModule
-from support import TrainOnlyHead
+from support import TORCH_VERSION, TrainOnlyHead, needs_torch
 
 MODELS = {  # a model and the options it is rewritten with
     "resnet50": (torchvision.models.resnet50, {}),
@@ -52,6 +52,7 @@ def pair(request):
     return model, fxblur.transform(model, verbose=False, **options)
 
 
+@needs_torch((2, 5), "torch 2.4.1's dynamo differs from eager by 1.3x the tolerance in one gradient element")
 def test_torch_compile_fullgraph_matches_eager(pair):
     _, gm = pair
     torch._dynamo.reset()
@@ -66,6 +67,7 @@ def test_torch_compile_fullgraph_matches_eager(pair):
     assert_matches(got_grad, expected_grad)  # through the backward of every blur
 
 
+@needs_torch((2, 5), "torch 2.4.1's export cannot prove the guards of strided sizes")
 def test_torch_export_with_dynamic_shapes_runs_and_matches(pair):
     model, gm = pair
     # reflect padding needs maps of 2 pixels or more: sizes from 64 keep the last blurred map so
@@ -96,6 +98,8 @@ def onnx_model(pair):
     """The ONNX model proto from the (dynamo-based) exporter."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
+    if TORCH_VERSION < (2, 5):
+        pytest.skip("needs torch >= 2.5: torch 2.4's dynamo exporter needs onnxscript < 0.4")
     _, gm = pair
     return torch.onnx.export(gm, (torch.randn(1, 3, 64, 64),), dynamo=True, verbose=False).model_proto
 

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.models.resnet import BasicBlock
 
 import fxblur
+from support import needs_torch
 
 WORLD_SIZE = 2
 STEPS = 3
@@ -165,6 +166,7 @@ def test_ddp_on_two_gloo_ranks_matches_a_single_process_run(tmp_path, options):
         torch.testing.assert_close(ranks[0]["params"][name], value, rtol=1e-5, atol=1e-6)
 
 
+@needs_torch((2, 6), "torch.distributed.fsdp.fully_shard on CPU (torch 2.4.1's FSDP2 initialises CUDA)")
 def test_fsdp2_sharding_every_block_matches_a_single_process_run(tmp_path):
     ranks = _run_ranks(_fsdp_worker, tmp_path)
     single = blurred_resnet()

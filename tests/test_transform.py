@@ -14,7 +14,7 @@ from torch import nn
 import fxblur
 from fxblur import Blur, NoEffectWarning
 from fxblur.ops.blurred import BlurredOp
-from support import assert_same_snapshot, layer_shapes, snapshot
+from support import assert_same_snapshot, layer_shapes, needs_cpu_half_padding, snapshot
 
 
 def blurred(gm) -> dict[str, str]:
@@ -295,6 +295,7 @@ def test_a_trusted_forward_runs_at_stride_one():
     torch.testing.assert_close(gm(x)[1], fxblur.blur(stride_one(x), 2, 3))
 
 
+@needs_cpu_half_padding
 def test_blur_follows_the_model_device_and_dtype():
     model = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2)).double()
     gm = fxblur.transform(model, verbose=False)
