@@ -33,7 +33,7 @@ from fxblur.rewrite.calls import SITE, forget_calls, name_sites
 from fxblur.rewrite.cloning import share_tensors
 from fxblur.rewrite.graph_module import assemble, graph_module_over, working_module
 from fxblur.rewrite.nesting import ModeGraph, changed_calls, nest, snapshot, store_nesting, warn_about_hooks
-from fxblur.rewrite.partial import Rewrite, _in_model, _re_rooted, parts_of, rewrite_parts
+from fxblur.rewrite.partial import Rewrite, in_model, parts_of, re_rooted, rewrite_parts
 from fxblur.rewrite.tracer import Traced, UntraceableModelError, concrete_name, store_specialised, trace
 
 
@@ -219,7 +219,8 @@ def _rewrite(
     unique = list({id(traced): traced for traced in (traces[root.training], traces[not root.training])}.values())
     working = {id(traced): working_module(root, traced.graph) for traced in unique}
     before = {id(traced): snapshot(traced.graph) for traced in unique}
-    frozen = _frozen_modules(root, unique) | reached
+    leaves = sorted({path for traced in unique for path in traced.leaves})  # modules called whole
+    frozen = _frozen_modules(root, leaves) | reached
     context = RewriteContext(working.values(), frozen, scope)
     kinds = (
         (options.replace_convs, BlurStridedConvs),
@@ -242,10 +243,10 @@ def _rewrite(
     def rewrite_part(part: nn.Module, path: str, leaves: tuple, reached: frozenset[int]) -> nn.Module:
         return _rewrite(part, options, leaves, None, flatten=flatten, scope=_joined(scope, path), reached=reached)
 
-    inside = _rewrite_in_registered_leaves(root, unique, leaf_modules, rewrite_part)
+    inside = _rewrite_in_registered_leaves(root, leaves, leaf_modules, rewrite_part)
     done = {change.target for change in inside}
     decisions = _decisions(list(working.values())) + inside
-    decisions += [change for change in _inside_leaves(root, unique) if change.target not in done]
+    decisions += [change for change in _inside_leaves(root, leaves) if change.target not in done]
     if options.polyphase or options.circular_padding:
         obstacles = {**_equivariance_obstacles(options, decisions, working.values()), **obstacles}
     if flatten:
@@ -293,10 +294,12 @@ def _equivariance_obstacles(
     for gm in graph_modules:
         for node in gm.graph.nodes:
             module = gm.get_submodule(node.target) if node.op == "call_module" else None
-            adaptive = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d)
-            if isinstance(module, adaptive) and _not_global(module.output_size):
+            if isinstance(module, _ADAPTIVE_POOLS) and _not_global(module.output_size):
                 found[node.target] = f"pools to {module.output_size}, not to one value per channel"
     return found
+
+
+_ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d)
 
 
 def _not_global(output_size: Any) -> bool:
@@ -315,14 +318,13 @@ def _decisions(graph_modules: list[fx.GraphModule]) -> list[Change]:
     return sorted(decisions.values(), key=lambda change: order.get(change.node, len(order)))
 
 
-def _frozen_modules(root: nn.Module, traces: Iterable[Traced]) -> frozenset[int]:
-    """The modules inside leaf modules the graphs call: their code calls them, so they must not change."""
-    leaves = {path for traced in traces for path in traced.leaves}
+def _frozen_modules(root: nn.Module, leaves: Iterable[str]) -> frozenset[int]:
+    """The modules inside the leaf modules at ``leaves``: their code calls them, so they must not change."""
     return frozenset(id(sub) for path in leaves for sub in root.get_submodule(path).modules())
 
 
 def _rewrite_in_registered_leaves(
-    root: nn.Module, traces: Iterable[Traced], leaf_modules: tuple, rewrite: Rewrite
+    root: nn.Module, leaves: Iterable[str], leaf_modules: tuple, rewrite: Rewrite
 ) -> list[Change]:
     """Rewrite the parts of the modules timm registers as not traceable, as ``strict=False`` rewrites a model.
 
@@ -334,14 +336,14 @@ def _rewrite_in_registered_leaves(
     classes = tuple(leaf for leaf in leaf_modules if isinstance(leaf, type))
     counts = Counter(id(module) for _, module in root.named_modules(remove_duplicate=False))
     found = []
-    for leaf in sorted({path for traced in traces for path in traced.leaves}):
+    for leaf in leaves:
         module = root.get_submodule(leaf)
         if leaf in leaf_modules or isinstance(module, classes) or any(counts[id(sub)] > 1 for sub in module.modules()):
             continue
         why = UntraceableModelError(f"inside {leaf} ({type(module).__name__}), which is called whole")
         in_leaf = functools.partial(_in_leaf, rewrite, leaf)
-        rewrite_parts(module, why, in_leaf, _re_rooted(leaf_modules, leaf))
-        found += [_in_model(change, leaf) for change in changes(module)]
+        rewrite_parts(module, why, in_leaf, re_rooted(leaf_modules, leaf))
+        found += [in_model(change, leaf) for change in changes(module)]
     return found
 
 
@@ -356,10 +358,10 @@ def _joined(scope: str, path: str) -> str:
     return f"{scope}.{path}" if scope else path
 
 
-def _inside_leaves(root: nn.Module, traces: Iterable[Traced]) -> list[Change]:
-    """A skipped record for every strided conv or pool inside a leaf module: code fxblur does not see calls it."""
+def _inside_leaves(root: nn.Module, leaves: Iterable[str]) -> list[Change]:
+    """A skipped record for every strided conv or pool in the leaf modules at ``leaves`` (code fxblur does not see)."""
     found = []
-    for leaf in sorted({path for traced in traces for path in traced.leaves}):
+    for leaf in leaves:
         why = f"inside {leaf} ({type(root.get_submodule(leaf)).__name__}), which is called whole"
         for path, module in root.get_submodule(leaf).named_modules():
             record = skipped_outside_graph(module, f"{leaf}.{path}", why) if path else None

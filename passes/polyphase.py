@@ -184,16 +184,23 @@ class PolyphaseSampling(PassBase):
         return change, phase
 
     def _blur(
-        self, gm: fx.GraphModule, op: WindowOp, value: fx.Node, anchor: fx.Node, before: bool, host: Any = None
+        self,
+        gm: fx.GraphModule,
+        op: WindowOp,
+        value: fx.Node,
+        anchor: fx.Node,
+        before: bool,
+        host: Any = None,
+        stride: tuple[int, ...] | None = None,
     ) -> tuple[fx.Node, str | None]:
-        """``value`` through a stride-1 blur (none for a 1-tap filter), next to ``anchor``.
+        """``value`` through a blur at ``stride`` (default 1; none for a 1-tap filter), next to ``anchor``.
 
         The blur module goes into the module of ``host``'s call if given, else ``anchor``'s.
         """
         taps = self.options.filter_taps(op.stride)
         if all(t == 1 for t in taps):
             return value, None
-        blur = self.kinds[0].blur(op, (1,) * op.dims)
+        blur = self.kinds[0].blur(op, stride or (1,) * op.dims)
         path = add_blur(gm, host or anchor, op.target, blur, self.context.frozen if self.context else frozenset())
         with gm.graph.inserting_before(anchor) if before else gm.graph.inserting_after(anchor):
             node = place(gm.graph.call_module(path, (value,)), anchor)
@@ -206,14 +213,10 @@ class PolyphaseSampling(PassBase):
         cost for a stride of 2, and no full-size gradient to scatter into; with a 1-tap filter,
         the input's component itself.
         """
-        stride = list(op.stride)
         if all(t == 1 for t in self.options.filter_taps(op.stride)):
-            return self._insert_before(gm, op.node, select_phase, (op.input, phase, stride)), None
+            return self._insert_before(gm, op.node, select_phase, (op.input, phase, list(op.stride))), None
         rolled = self._insert_before(gm, op.node, roll_to_phase, (op.input, phase))
-        blur = self.kinds[0].blur(op, op.stride)
-        path = add_blur(gm, host or op.node, op.target, blur, self.context.frozen if self.context else frozenset())
-        with gm.graph.inserting_before(op.node):
-            return place(gm.graph.call_module(path, (rolled,)), op.node), path
+        return self._blur(gm, op, rolled, op.node, before=True, host=host, stride=op.stride)
 
     def _insert_before(self, gm: fx.GraphModule, anchor: fx.Node, function, args: tuple) -> fx.Node:
         with gm.graph.inserting_before(anchor):

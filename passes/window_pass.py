@@ -44,7 +44,7 @@ from fxblur.options import BlurOptions
 from fxblur.rewrite.calls import STRIDED_AS, call_of, place, redirect
 from fxblur.rewrite.cloning import share_tensors
 from fxblur.rewrite.known_layers import anti_aliasing, trusts_forward
-from fxblur.rewrite.window_ops import MODULES, WindowOp, read_window_op, set_call_argument
+from fxblur.rewrite.window_ops import MODULES, WindowOp, expand_to_axes, read_window_op, set_call_argument
 
 BLUR_CONTAINER = "fxblur"
 
@@ -420,16 +420,15 @@ def skipped_outside_graph(module: nn.Module, target: str, reason: str) -> Change
     if base is None:
         return None
     kind, dims = MODULES[base]
-    stride = tuple(module.stride) if isinstance(module.stride, (tuple, list)) else (module.stride,) * dims
+    stride = expand_to_axes(module.stride, dims)
     if not any(s > 1 for s in stride):
         return None
-    kernel = module.kernel_size if isinstance(module.kernel_size, (tuple, list)) else (module.kernel_size,) * dims
     return Change(
         target=target,
         op=f"{kind}{dims}d",
         action="skipped",
         reason=reason,
-        kernel_size=tuple(kernel),
+        kernel_size=expand_to_axes(module.kernel_size, dims),
         stride=stride,
         in_channels=getattr(module, "in_channels", None),
         out_channels=getattr(module, "out_channels", None),

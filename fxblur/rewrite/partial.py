@@ -132,14 +132,14 @@ class _Walk:
             return module
         # an op module on its own is rewritten inside a holder, so that it can carry its blur
         holder = nn.Sequential(module) if isinstance(module, tuple(MODULES)) else None
-        leaves = _re_rooted(self.leaf_modules, path)
+        leaves = re_rooted(self.leaf_modules, path)
         try:
             rewritten = self.rewrite(holder or module, path, leaves, frozenset(self.reached))
         except UntraceableModelError as error:
             self.descend(module, path, uses(module, ["forward"]), _first_line(error))
             return module
         part = rewritten if holder is None else rewritten._modules["0"]
-        decisions = [_in_model(change, path, holder is not None) for change in changes(rewritten)]
+        decisions = [in_model(change, path, holder is not None) for change in changes(rewritten)]
         self.changes.extend(decisions)
         if any(change.action != "skipped" for change in decisions):
             self.rewritten.append(path)
@@ -196,7 +196,7 @@ def _first_line(error: Exception) -> str:
     return str(error).split("\nHint:")[0]
 
 
-def _re_rooted(leaf_modules: Iterable[type[nn.Module] | str], path: str) -> Leaves:
+def re_rooted(leaf_modules: Iterable[type[nn.Module] | str], path: str) -> Leaves:
     """``leaf_modules`` for the submodule at ``path``: classes, and the paths under it made relative."""
     prefix = f"{path}."
     return tuple(
@@ -206,7 +206,7 @@ def _re_rooted(leaf_modules: Iterable[type[nn.Module] | str], path: str) -> Leav
     )
 
 
-def _in_model(change: Change, path: str, held: bool = False) -> Change:
+def in_model(change: Change, path: str, held: bool = False) -> Change:
     """``change`` with its module paths made full paths in the model (``held``: the part is the op itself)."""
     if held:  # paths inside the holder start with its one child, "0"
         return dataclasses.replace(change, target=path, blur=None if change.blur is None else path + change.blur[1:])

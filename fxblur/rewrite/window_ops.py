@@ -159,9 +159,9 @@ def _read_module_call(node: fx.Node, module: nn.Module) -> WindowOp | None:
     kind, dims = MODULES[base]
     custom_forward = type(module).forward is not base.forward
     common = {
-        "kernel_size": _per_axis(module.kernel_size, dims),
-        "stride": _per_axis(module.stride, dims),
-        "dilation": _per_axis(getattr(module, "dilation", 1), dims),  # avg pools have none
+        "kernel_size": expand_to_axes(module.kernel_size, dims),
+        "stride": expand_to_axes(module.stride, dims),
+        "dilation": expand_to_axes(getattr(module, "dilation", 1), dims),  # avg pools have none
         "module": module,
     }
     if kind == "conv":
@@ -172,7 +172,7 @@ def _read_module_call(node: fx.Node, module: nn.Module) -> WindowOp | None:
             kind,
             dims,
             node.target,
-            padding=padding if isinstance(padding, str) else _per_axis(padding, dims),
+            padding=padding if isinstance(padding, str) else expand_to_axes(padding, dims),
             in_channels=None if lazy else module.in_channels,  # a lazy conv learns it on its first call
             out_channels=module.out_channels,
             custom_forward=custom_forward or type(module)._conv_forward is not base._conv_forward,
@@ -183,7 +183,7 @@ def _read_module_call(node: fx.Node, module: nn.Module) -> WindowOp | None:
         kind,
         dims,
         node.target,
-        padding=_per_axis(module.padding, dims),
+        padding=expand_to_axes(module.padding, dims),
         ceil_mode=bool(module.ceil_mode),
         return_indices=bool(getattr(module, "return_indices", False)),
         custom_forward=custom_forward,
@@ -209,14 +209,14 @@ def _read_function_call(node: fx.Node, function: _Function, root: nn.Module) -> 
             dims,
             node.meta.get(SITE, node.name),
             kernel_size=kernel_size,
-            stride=_per_axis(arguments["stride"], dims),
-            padding=padding if isinstance(padding, str) else _per_axis(padding, dims),
-            dilation=_per_axis(arguments["dilation"], dims),
+            stride=expand_to_axes(arguments["stride"], dims),
+            padding=padding if isinstance(padding, str) else expand_to_axes(padding, dims),
+            dilation=expand_to_axes(arguments["dilation"], dims),
             in_channels=None if weight is None else weight.shape[1] * arguments["groups"],
             out_channels=None if weight is None else weight.shape[0],
             arguments=arguments,
         )
-    kernel_size = _per_axis(arguments["kernel_size"], dims)
+    kernel_size = expand_to_axes(arguments["kernel_size"], dims)
     stride = arguments["stride"]
     return WindowOp(
         node,
@@ -224,16 +224,17 @@ def _read_function_call(node: fx.Node, function: _Function, root: nn.Module) -> 
         dims,
         node.meta.get(SITE, node.name),
         kernel_size=kernel_size,
-        stride=kernel_size if stride is None or stride in ((), []) else _per_axis(stride, dims),
-        padding=_per_axis(arguments["padding"], dims),
-        dilation=_per_axis(arguments.get("dilation", 1), dims),
+        stride=kernel_size if stride is None or stride in ((), []) else expand_to_axes(stride, dims),
+        padding=expand_to_axes(arguments["padding"], dims),
+        dilation=expand_to_axes(arguments.get("dilation", 1), dims),
         ceil_mode=bool(arguments["ceil_mode"]),
         return_indices=function.returns_indices or bool(arguments.get("return_indices", False)),
         arguments=arguments,
     )
 
 
-def _per_axis(value: int | tuple[int, ...] | list[int], dims: int) -> tuple[int, ...]:
+def expand_to_axes(value: int | tuple[int, ...] | list[int], dims: int) -> tuple[int, ...]:
+    """A conv or pool argument as one value per spatial axis: ``2`` -> ``(2, 2)`` for ``dims=2``."""
     values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
     return values * dims if len(values) == 1 else values
 
