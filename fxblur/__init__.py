@@ -7,25 +7,28 @@ Example:
     ['maxpool', 'layer2.0.conv2', 'layer2.0.downsample.0']
 """
 
-from fxblur.changes import Change, changes
+from fxblur.assemble.hooks import HookWarning
+from fxblur.known_layers import trust_forward
 from fxblur.ops.blur import blur
 from fxblur.ops.blur_module import Blur
+from fxblur.record import Action, Change, RewriteRecord, changes, record_of
 from fxblur.report import Report, report
-from fxblur.rewrite.known_layers import trust_forward
-from fxblur.rewrite.nesting import HookWarning
-from fxblur.rewrite.tracer import BlurTracer, UntraceableModelError
+from fxblur.trace import BlurTracer, UntraceableModelError
 from fxblur.transform import NoEffectWarning, transform
 
 __all__ = [
+    "Action",
     "Blur",
     "BlurTracer",
     "Change",
     "HookWarning",
     "NoEffectWarning",
     "Report",
+    "RewriteRecord",
     "UntraceableModelError",
     "blur",
     "changes",
+    "record_of",
     "report",
     "transform",
     "trust_forward",

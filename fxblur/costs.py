@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import logging
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -28,9 +27,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from fxblur._compat import fake_tensor_mode, quiet_fake_tensor_logs
 from fxblur.ops.blur_module import Blur
 from fxblur.ops.blurred import BlurredOp
 
@@ -41,13 +40,9 @@ def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
     ``example`` only lends its shape, dtype and device; nothing is computed. An input the
     model cannot take raises the op's own error (torch's logging of it is silenced).
     """
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    disabled, logger.disabled = logger.disabled, True
-    try:
+    mode = fake_tensor_mode()
+    with quiet_fake_tensor_logs():
         FakeTensorProp(gm, mode).propagate(mode.from_tensor(example))
-    finally:
-        logger.disabled = disabled
 
 
 def output_of(node: fx.Node) -> torch.Tensor | None:

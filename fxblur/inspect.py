@@ -30,12 +30,12 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from fxblur.changes import changes, flat_graph_module
 from fxblur.models import ModelSpecError, build, timm_available, torchvision_names
 from fxblur.ops.padding import PADDING_MODES
 from fxblur.options import NORMS, PRESETS, BlurOptions
+from fxblur.record import changes, flat_graph_module
 from fxblur.report import FORMATS, report
-from fxblur.rewrite.tracer import UntraceableModelError, trace
+from fxblur.trace import UntraceableModelError, trace
 from fxblur.transform import NoEffectWarning, transform
 
 REWRITE_OPTIONS = [f.name for f in dataclasses.fields(BlurOptions)]

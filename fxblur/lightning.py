@@ -24,7 +24,7 @@ Example:
     >>> classifier = Classifier()
     >>> callback = BlurPoolCallback("model", blur_first=False)  # then pl.Trainer(callbacks=[callback])
     >>> callback.setup(trainer=None, pl_module=classifier, stage="fit")  # what the Trainer calls
-    >>> [c.action for c in fxblur.changes(classifier.model)][:3]
+    >>> [str(c.action) for c in fxblur.changes(classifier.model)][:3]
     ['skipped', 'blur_after', 'blur_after']
 """
 
@@ -39,9 +39,9 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
-from fxblur.changes import changes
+from fxblur.record import changes
 from fxblur.report import report
-from fxblur.rewrite.tracer import UntraceableModelError
+from fxblur.trace import UntraceableModelError
 from fxblur.transform import NoEffectWarning, transform
 
 

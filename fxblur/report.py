@@ -41,11 +41,10 @@ import torch.fx as fx
 from tabulate import tabulate, tabulate_formats
 from torch import nn
 
-from fxblur.changes import Change, changes, flat_graph_module, obstacles_of
+from fxblur.assemble.nesting import Nesting
+from fxblur.assemble.partial import Parts
 from fxblur.costs import blurred_op_extra, node_bytes, node_macs, output_of, propagate_shapes
-from fxblur.rewrite.nesting import Nesting, nesting_of
-from fxblur.rewrite.partial import Parts, parts_of
-from fxblur.rewrite.tracer import specialised_of
+from fxblur.record import Action, Change, Obstacle, require_record
 
 FORMATS = (*tabulate_formats, "json")
 
@@ -60,7 +59,7 @@ class Row:
     stride: tuple[int, ...]
     in_channels: int | None
     out_channels: int | None
-    action: str
+    action: Action
     reason: str
     note: str = ""
     phase_group: str | None = None
@@ -79,7 +78,9 @@ class Report:
     a forward of their own and which were inlined into their callers (their hooks no
     longer fire); it is ``None`` for a flat result (``transform(flatten=True)``).
     ``specialised``: the ``forward`` arguments the trace fixed to their defaults (the result
-    accepts no other value for them; ``fxblur.rewrite.tracer.default_arguments``).
+    accepts no other value for them; ``fxblur.trace.signature.default_arguments``).
+    ``obstacles``: with polyphase sampling or circular padding, what keeps the model from exact
+    shift invariance (``fxblur.record.Obstacle``); ``None`` when neither was asked.
     """
 
     model: str
@@ -89,12 +90,12 @@ class Report:
     macs_after: int | None = None
     parts: Parts | None = None
     nesting: Nesting | None = None
-    obstacles: dict[str, str] | None = None
+    obstacles: tuple[Obstacle, ...] | None = None
     specialised: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def blurred(self) -> int:
-        return sum(row.action != "skipped" for row in self.rows)
+        return sum(row.action is not Action.SKIPPED for row in self.rows)
 
     @property
     def skipped(self) -> int:
@@ -161,8 +162,8 @@ class Report:
             elif sized:
                 cells += [
                     f"{_size(row.input_size)} -> {_size(row.output_size)}",
-                    _count(row.extra_macs) if row.action != "skipped" else "",
-                    _bytes(row.extra_bytes) if row.action != "skipped" else "",
+                    _count(row.extra_macs) if row.action is not Action.SKIPPED else "",
+                    _bytes(row.extra_bytes) if row.action is not Action.SKIPPED else "",
                 ]
             table.append(cells)
         return tabulate(table, headers, tablefmt=tablefmt, disable_numparse=True)
@@ -210,19 +211,20 @@ def report(gm: nn.Module, input_shape: Sequence[int] | torch.Tensor | None = Non
         ValueError: ``gm`` was not returned by ``transform``, or ``input_shape`` was given
             for a model rewritten in parts.
     """
-    decisions = changes(gm)
+    record = require_record(gm)
+    decisions = record.decisions
     model = type(gm).__name__
-    parts = parts_of(gm)
+    parts = record.parts
     if parts is not None and input_shape is not None:
         raise ValueError(
             f"{model} was rewritten in parts ({', '.join(parts.rewritten) or 'none'}): sizes and costs need "
             "one graph; pass each part with its own input shape, e.g. report(model.<part>, input_shape)"
         )
-    nesting, obstacles, specialised = nesting_of(gm), obstacles_of(gm), specialised_of(gm)
+    nesting, obstacles, specialised = record.nesting, record.obstacles, dict(record.specialised)
     if input_shape is None:
         rows = tuple(_row(change) for change in decisions)
         return Report(model, rows, parts=parts, nesting=nesting, obstacles=obstacles, specialised=specialised)
-    flat = flat_graph_module(gm)
+    flat = record.flat_graph(gm.training)
     example = input_shape if isinstance(input_shape, torch.Tensor) else _example(gm, tuple(input_shape))
     propagate_shapes(flat, example)
     nodes = {node.name: node for node in flat.graph.nodes}
@@ -280,17 +282,17 @@ def _row(change: Change, nodes: dict[str, fx.Node] | None = None, gm: fx.GraphMo
     )
 
 
-def _invariance(obstacles: dict[str, str]) -> str:
+def _invariance(obstacles: tuple[Obstacle, ...]) -> str:
     if not obstacles:
         return "shift invariance: exact for circular shifts of inputs whose size every stride divides"
-    found = "; ".join(f"{target}: {why}" for target, why in obstacles.items())
+    found = "; ".join(f"{obstacle.target}: {obstacle.reason}" for obstacle in obstacles)
     return f"shift invariance: not exact ({found})"
 
 
 def _action(row: Row) -> str:
-    if row.action == "skipped":
+    if row.action is Action.SKIPPED:
         return f"skipped: {row.reason}"
-    return f"{row.action} ({row.note})" if row.note else row.action
+    return f"{row.action} ({row.note})" if row.note else str(row.action)
 
 
 def _example(gm: fx.GraphModule, shape: tuple[int, ...]) -> torch.Tensor:

@@ -1,23 +1,38 @@
-"""``transform``: make a model anti-aliased by rewriting its torch.fx graph."""
+"""``transform``: make a model anti-aliased by rewriting its torch.fx graph.
+
+The data flows one way (``docs/architecture.md``):
+
+1. *trace* (``fxblur.trace``): the model is copied without its tensors and traced into one
+   flat graph per mode, recording every module call it goes through;
+2. *passes* (``fxblur.passes``): the blur or polyphase passes, then circular padding,
+   decide on and rewrite each graph, reading ops through ``fxblur.analysis`` and editing
+   through ``fxblur.passes.edit``, and log each decision;
+3. *assemble* (``fxblur.assemble``): the rewritten graphs go back into the module tree
+   (a nesting plan, then its modules), or, for a model that cannot be traced whole, its
+   parts are rewritten one by one;
+4. *record* (``fxblur.record``): one ``RewriteRecord`` of what was asked and decided is
+   stored on the result, which ``fxblur.report`` renders.
+"""
 
 from __future__ import annotations
 
 import copy as copy_module
-import difflib
-import fnmatch
-import functools
-import inspect
 import warnings
-from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.infra.pass_manager import PassManager
 
-from fxblur.changes import Change, changes, recorded, store, store_flat_graphs, store_obstacles
+from fxblur._compat import run_passes
+from fxblur.analysis.obstacles import obstacles
+from fxblur.arguments import check_not_wrapped, check_tracing_options, options_that_match_nothing
+from fxblur.assemble.changed import changed_calls, snapshot
+from fxblur.assemble.graph_module import assemble, graph_module_over, working_module
+from fxblur.assemble.hooks import warn_about_hooks
+from fxblur.assemble.leaf_parts import rewrite_inside_registered_leaves, skipped_inside
+from fxblur.assemble.nesting import ModeGraph, emit, plan_nesting
+from fxblur.assemble.partial import rewrite_parts
 from fxblur.options import BlurOptions, resolve
 from fxblur.passes import (
     BlurAvgPools,
@@ -26,15 +41,15 @@ from fxblur.passes import (
     CircularPadding,
     PolyphaseSampling,
     RecordAntiAliasing,
+    RewriteContext,
 )
-from fxblur.passes.window_pass import RewriteContext, skipped_outside_graph
+from fxblur.record import Change, Obstacle, RewriteRecord, logged, record_of, store_record
 from fxblur.report import report
-from fxblur.rewrite.calls import SITE, forget_calls, name_sites
-from fxblur.rewrite.cloning import share_tensors
-from fxblur.rewrite.graph_module import assemble, graph_module_over, working_module
-from fxblur.rewrite.nesting import ModeGraph, changed_calls, nest, snapshot, store_nesting, warn_about_hooks
-from fxblur.rewrite.partial import Rewrite, in_model, parts_of, re_rooted, rewrite_parts
-from fxblur.rewrite.tracer import Traced, UntraceableModelError, concrete_name, store_specialised, trace
+from fxblur.trace import Traced, UntraceableModelError, trace
+from fxblur.trace.calls import SITE, forget_calls, name_sites
+from fxblur.trace.cloning import share_tensors
+
+_ALREADY = ("already blurred", "already anti-aliased", "already subsampled by polyphase sampling")
 
 
 class NoEffectWarning(UserWarning):
@@ -74,7 +89,7 @@ def transform(
 
     With ``strict=False``, a model torch.fx cannot trace whole (a detector) is rewritten
     in parts instead: its largest traceable submodules with something to blur are
-    replaced by their rewrite, in a copy of the model (see ``fxblur.rewrite.partial``).
+    replaced by their rewrite, in a copy of the model (see ``fxblur.assemble.partial``).
 
     Rewrite options left at ``None`` take the value of ``preset``, else the default shown
     in brackets (``fxblur.options`` explains placements and filters in full).
@@ -135,7 +150,8 @@ def transform(
         A ``GraphModule`` with the original's ``state_dict()`` keys, mode, device and dtype
         (with ``strict=False`` and an untraceable model: a copy of the model whose
         rewritten parts are GraphModules, with the same guarantees).
-        ``fxblur.changes(gm)`` lists what was blurred and what was skipped, and why.
+        ``fxblur.changes(gm)`` lists what was blurred and what was skipped, and why;
+        ``fxblur.record.record_of(gm)`` holds everything the rewrite was asked and decided.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -170,58 +186,117 @@ def transform(
         polyphase_norm=polyphase_norm,
         circular_padding=circular_padding,
     )
-    leaf_modules = _check_tracing_options(copy, strict, flatten, leaf_modules, concrete_args, verbose)
-    _check_not_wrapped(model)
-
+    leaf_modules = check_tracing_options(copy, strict, flatten, leaf_modules, concrete_args, verbose)
+    check_not_wrapped(model)
+    tracing = (
+        ("copy", copy),
+        ("strict", strict),
+        ("flatten", flatten),
+        ("leaf_modules", tuple(_leaf_name(leaf) for leaf in leaf_modules)),
+        ("concrete_args", tuple(concrete_args or ())),
+    )
+    rewrite = _Rewrite(options, tracing, flatten)
     root = copy_module.deepcopy(model) if copy else share_tensors(model)
     try:
-        result = _rewrite(root, options, leaf_modules, concrete_args, flatten=flatten)
+        result = rewrite(root, leaf_modules, concrete_args)
     except UntraceableModelError as error:
         if strict:
             raise
-
-        def rewrite_part(part: nn.Module, path: str, leaves: tuple, reached: frozenset[int]) -> nn.Module:
-            return _rewrite(part, options, leaves, None, flatten=flatten, scope=path, reached=reached - {id(part)})
-
-        result = rewrite_parts(root, error, rewrite_part, leaf_modules)
-    decisions = changes(result)
-    _warn_about_options_that_match_nothing(model, options, leaf_modules, concrete_args, decisions)
+        decisions, parts = rewrite_parts(root, error, rewrite.part, leaf_modules)
+        store_record(root, RewriteRecord(type(root).__name__, options, tracing, tuple(decisions), parts=parts))
+        result = root
+    decisions = record_of(result).decisions
+    for problem in options_that_match_nothing(model, options, leaf_modules, concrete_args, list(decisions)):
+        warnings.warn(problem, UserWarning, stacklevel=2)
     if all(change.action == "skipped" for change in decisions):
-        parts = parts_of(result)
-        untraced = f"; could not trace {', '.join(u.path for u in parts.untraced)}" if parts and parts.untraced else ""
-        warnings.warn(
-            f"fxblur found nothing to blur in {type(model).__name__}: no conv or pool with a "
-            f"stride above 1 that the options allow ({len(decisions)} considered){untraced}",
-            NoEffectWarning,
-            stacklevel=2,
-        )
+        warnings.warn(_no_effect(model, result, decisions), NoEffectWarning, stacklevel=2)
     if verbose:
         print(report(result))
     return result
 
 
-def _rewrite(
-    root: nn.Module,
-    options: BlurOptions,
-    leaf_modules: tuple,
-    concrete_args: dict | None,
-    flatten: bool = False,
-    scope: str = "",
-    reached: frozenset[int] = frozenset(),
-) -> nn.Module:
-    """Trace ``root`` (fxblur's own copy, re-wired in place), run the passes, put the result together.
+class _Rewrite:
+    """One rewrite of a model, or of each of its parts: trace, passes, assembly, record."""
 
-    ``scope``: the path of ``root`` in the user's model, when it is one of its parts; a part
-    whose own code needs no change keeps its class. ``reached``: ids of modules that code
-    outside the trace also uses; like those inside leaf modules, they must not change.
-    """
-    traces = _trace_each_mode(root, leaf_modules, concrete_args, specialise_defaults=not scope)
-    unique = list({id(traced): traced for traced in (traces[root.training], traces[not root.training])}.values())
-    working = {id(traced): working_module(root, traced.graph) for traced in unique}
-    before = {id(traced): snapshot(traced.graph) for traced in unique}
-    leaves = sorted({path for traced in unique for path in traced.leaves})  # modules called whole
-    frozen = _frozen_modules(root, leaves) | reached
-    context = RewriteContext(working.values(), frozen, scope)
+    def __init__(self, options: BlurOptions, tracing: tuple, flatten: bool) -> None:
+        self.options = options
+        self.tracing = tracing
+        self.flatten = flatten
+
+    def part(self, part: nn.Module, path: str, leaves: tuple, reached: frozenset[int]) -> nn.Module:
+        """Rewrite ``part``, the module at ``path`` of a model rewritten in parts (``fxblur.assemble.partial``)."""
+        return self(part, leaves, None, scope=path, reached=reached - {id(part)})
+
+    def __call__(
+        self,
+        root: nn.Module,
+        leaf_modules: tuple,
+        concrete_args: dict | None,
+        scope: str = "",
+        reached: frozenset[int] = frozenset(),
+    ) -> nn.Module:
+        """Trace ``root`` (fxblur's own copy, re-wired in place), run the passes, put the result together.
+
+        ``scope``: the path of ``root`` in the user's model, when it is one of its parts; a part
+        whose own code needs no change keeps its class. ``reached``: ids of modules that code
+        outside the trace also uses; like those inside leaf modules, they must not change.
+        """
+        options = self.options
+        traces = _trace_each_mode(root, leaf_modules, concrete_args, specialise_defaults=not scope)
+        unique = list({id(traced): traced for traced in (traces[root.training], traces[not root.training])}.values())
+        working = {id(traced): working_module(root, traced.graph) for traced in unique}
+        before = {id(traced): snapshot(traced.graph) for traced in unique}
+        leaves = sorted({path for traced in unique for path in traced.leaves})  # modules called whole
+        frozen = frozenset(id(sub) for path in leaves for sub in root.get_submodule(path).modules()) | reached
+        _run_passes(list(working.values()), options, frozen, scope, root)
+
+        def rewrite_part(part: nn.Module, path: str, leaves: tuple, reached: frozenset[int]) -> nn.Module:
+            return self(part, leaves, None, scope=f"{scope}.{path}" if scope else path, reached=reached)
+
+        inside = rewrite_inside_registered_leaves(root, leaves, leaf_modules, rewrite_part)
+        done = {change.target for change in inside}
+        decisions = _decisions(list(working.values())) + inside
+        decisions += [change for change in skipped_inside(root, leaves) if change.target not in done]
+        groups = tuple(group for gm in working.values() for group in logged(gm, "phase_groups"))
+        found = None
+        if options.polyphase or options.circular_padding:
+            circular = [obstacle for gm in working.values() for obstacle in logged(gm, "obstacles")]
+            found = _unique([*obstacles(options, decisions, groups, working.values()), *circular])
+        nesting = None
+        if self.flatten:
+            warn_about_hooks(call for traced in unique for call in traced.root.walk())
+            result = assemble(root, traces[True].graph, traces[False].graph)
+        else:
+            modes = {
+                mode: ModeGraph(traced.graph, traced.root, changed_calls(traced.graph, before[id(traced)]))
+                for mode, traced in traces.items()
+            }
+            plan = plan_nesting(modes, frozen, keep_unchanged_root=bool(scope))
+            result = emit(root, modes, plan, graph_module_over)
+            nesting = plan.nesting()
+        for traced in unique:
+            forget_calls(traced.graph)
+        carriers = {id(traced): fx.GraphModule(result, traced.graph) for traced in unique}
+        record = RewriteRecord(
+            model=type(root).__name__,
+            options=options,
+            tracing=self.tracing,
+            decisions=tuple(decisions),
+            phase_groups=groups,
+            nesting=nesting,
+            specialised=tuple(traces[root.training].specialised.items()),
+            obstacles=None if found is None else tuple(found),
+            flat_graphs=(carriers[id(traces[True])], carriers[id(traces[False])]),
+        )
+        store_record(result, record)
+        return result
+
+
+def _run_passes(
+    working: list[fx.GraphModule], options: BlurOptions, frozen: frozenset[int], scope: str, root: nn.Module
+) -> None:
+    """The blur or polyphase passes on every graph (the current mode's first), then circular padding."""
+    context = RewriteContext(working, frozen, scope)
     kinds = (
         (options.replace_convs, BlurStridedConvs),
         (options.replace_maxpools, BlurMaxPools),
@@ -231,80 +306,16 @@ def _rewrite(
     if options.polyphase:
         passes = [PolyphaseSampling(options, context, passes)]
     passes.append(RecordAntiAliasing())
-    for gm in working.values():  # the current mode's graph first
-        try:
-            PassManager(passes)(gm)
-        except Exception as error:  # PassManager wraps what a pass raised: hand the user the pass's own error
-            raise error.__cause__ or error from None
+    for gm in working:
+        run_passes(passes, gm)
         gm.graph.lint()
     context.install(root)  # only now: every graph had to see the original modules
-    obstacles = _pad_circularly(working.values(), frozen) if options.circular_padding else {}
-
-    def rewrite_part(part: nn.Module, path: str, leaves: tuple, reached: frozenset[int]) -> nn.Module:
-        return _rewrite(part, options, leaves, None, flatten=flatten, scope=_joined(scope, path), reached=reached)
-
-    inside = _rewrite_in_registered_leaves(root, leaves, leaf_modules, rewrite_part)
-    done = {change.target for change in inside}
-    decisions = _decisions(list(working.values())) + inside
-    decisions += [change for change in _inside_leaves(root, leaves) if change.target not in done]
-    if options.polyphase or options.circular_padding:
-        obstacles = {**_equivariance_obstacles(options, decisions, working.values()), **obstacles}
-    if flatten:
-        warn_about_hooks(call for traced in unique for call in traced.root.walk())
-        result = assemble(root, traces[True].graph, traces[False].graph)
-    else:
-        modes = {
-            mode: ModeGraph(traced.graph, traced.root, changed_calls(traced.graph, before[id(traced)]))
-            for mode, traced in traces.items()
-        }
-        result, nesting = nest(root, modes, frozen, graph_module_over, keep_unchanged_root=bool(scope))
-        store_nesting(result, nesting)
-    store(result, decisions)
-    store_specialised(result, traces[root.training].specialised)
-    if options.polyphase or options.circular_padding:
-        store_obstacles(result, obstacles)
-    for traced in unique:
-        forget_calls(traced.graph)
-    store_flat_graphs(result, {mode: traced.graph for mode, traced in traces.items()})
-    return result
-
-
-def _pad_circularly(graph_modules: Iterable[fx.GraphModule], frozen: frozenset[int]) -> dict[str, str]:
-    """Make every graph's convs and pools pad circularly; what could not, and why."""
-    circular = CircularPadding(frozen)
-    for gm in graph_modules:
-        PassManager([circular])(gm)
-        gm.graph.lint()
-    circular.finish()
-    return circular.obstacles
-
-
-def _equivariance_obstacles(
-    options: BlurOptions, decisions: list[Change], graph_modules: Iterable[fx.GraphModule]
-) -> dict[str, str]:
-    """What keeps a polyphase rewrite from exact invariance, besides padding: fixed phases, zeros, local heads."""
-    found: dict[str, str] = {}
-    for change in decisions:
-        if change.action == "skipped" or (options.polyphase and not change.action.startswith("phase")):
-            found[change.target] = f"subsamples at a fixed phase ({change.reason or change.action})"
-        elif change.note.startswith("phase group"):
-            found[change.target] = change.note
-    if options.polyphase and not options.circular_padding:
-        found["(padding)"] = "convs, pools and blurs pad with zeros or by reflection: pass circular_padding=True"
-    for gm in graph_modules:
-        for node in gm.graph.nodes:
-            module = gm.get_submodule(node.target) if node.op == "call_module" else None
-            if isinstance(module, _ADAPTIVE_POOLS) and _not_global(module.output_size):
-                found[node.target] = f"pools to {module.output_size}, not to one value per channel"
-    return found
-
-
-_ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d)
-
-
-def _not_global(output_size: Any) -> bool:
-    sizes = output_size if isinstance(output_size, (tuple, list)) else (output_size,)
-    return any(size not in (1, None) for size in sizes)
+    if options.circular_padding:
+        padding = RewriteContext(working, frozen, scope)
+        for gm in working:
+            run_passes([CircularPadding(padding)], gm)
+            gm.graph.lint()
+        padding.install(root)
 
 
 def _decisions(graph_modules: list[fx.GraphModule]) -> list[Change]:
@@ -312,62 +323,18 @@ def _decisions(graph_modules: list[fx.GraphModule]) -> list[Change]:
     decisions: dict[str, Change] = {}
     for gm in graph_modules:
         nodes = {node.name: node for node in gm.graph.nodes}
-        for change in recorded(gm):
+        for change in logged(gm, "decisions"):
             decisions.setdefault(nodes[change.node].meta.get(SITE, change.node), change)
     order = {node.name: i for i, node in enumerate(graph_modules[0].graph.nodes)}
     return sorted(decisions.values(), key=lambda change: order.get(change.node, len(order)))
 
 
-def _frozen_modules(root: nn.Module, leaves: Iterable[str]) -> frozenset[int]:
-    """The modules inside the leaf modules at ``leaves``: their code calls them, so they must not change."""
-    return frozenset(id(sub) for path in leaves for sub in root.get_submodule(path).modules())
-
-
-def _rewrite_in_registered_leaves(
-    root: nn.Module, leaves: Iterable[str], leaf_modules: tuple, rewrite: Rewrite
-) -> list[Change]:
-    """Rewrite the parts of the modules timm registers as not traceable, as ``strict=False`` rewrites a model.
-
-    timm's module (``ConvAttention``) is called whole, and its code runs as it is; a child
-    that code only calls whole (a ``ConvLayer`` holding a strided conv) is rewritten on its
-    own (``fxblur.rewrite.partial``). Not inside the user's ``leaf_modules``, which mean
-    "leave whole", nor inside a module that shares a submodule with the rest of the model.
-    """
-    classes = tuple(leaf for leaf in leaf_modules if isinstance(leaf, type))
-    counts = Counter(id(module) for _, module in root.named_modules(remove_duplicate=False))
-    found = []
-    for leaf in leaves:
-        module = root.get_submodule(leaf)
-        if leaf in leaf_modules or isinstance(module, classes) or any(counts[id(sub)] > 1 for sub in module.modules()):
-            continue
-        why = UntraceableModelError(f"inside {leaf} ({type(module).__name__}), which is called whole")
-        in_leaf = functools.partial(_in_leaf, rewrite, leaf)
-        rewrite_parts(module, why, in_leaf, re_rooted(leaf_modules, leaf))
-        found += [in_model(change, leaf) for change in changes(module)]
-    return found
-
-
-def _in_leaf(
-    rewrite: Rewrite, leaf: str, part: nn.Module, path: str, leaves: tuple, reached: frozenset[int]
-) -> nn.Module:
-    """``rewrite`` for a part at ``path`` in the module at ``leaf``."""
-    return rewrite(part, f"{leaf}.{path}", leaves, reached)
-
-
-def _joined(scope: str, path: str) -> str:
-    return f"{scope}.{path}" if scope else path
-
-
-def _inside_leaves(root: nn.Module, leaves: Iterable[str]) -> list[Change]:
-    """A skipped record for every strided conv or pool in the leaf modules at ``leaves`` (code fxblur does not see)."""
-    found = []
-    for leaf in leaves:
-        why = f"inside {leaf} ({type(root.get_submodule(leaf)).__name__}), which is called whole"
-        for path, module in root.get_submodule(leaf).named_modules():
-            record = skipped_outside_graph(module, f"{leaf}.{path}", why) if path else None
-            if record is not None:
-                found.append(record)
-    return found
+def _unique(found: list[Obstacle]) -> list[Obstacle]:
+    """``found`` without repeats of a kind of obstacle at one target."""
+    seen: dict[tuple, Obstacle] = {}
+    for obstacle in found:
+        seen.setdefault((obstacle.target, obstacle.kind), obstacle)
+    return list(seen.values())
 
 
 def _trace_each_mode(
@@ -396,66 +363,18 @@ def _trace_each_mode(
     return traces
 
 
-def _warn_about_options_that_match_nothing(
-    model: nn.Module, options: BlurOptions, leaf_modules: tuple, concrete_args: dict | None, decisions: list[Change]
-) -> None:
-    """A ``UserWarning`` for each ``exclude`` pattern, leaf module or concrete argument that had no effect."""
-    unmatched = [p for p in options.exclude if not any(fnmatch.fnmatchcase(c.target, p) for c in decisions)]
-    paths = dict(model.named_modules())
-    problems = [f"exclude pattern {pattern!r} matches no strided conv or pool" for pattern in unmatched]
-    for leaf in leaf_modules:
-        if isinstance(leaf, str) and leaf not in paths:
-            close = difflib.get_close_matches(leaf, paths, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            problems.append(f"leaf_modules path {leaf!r} names no module{hint}")
-        elif isinstance(leaf, type) and not any(isinstance(m, leaf) for m in paths.values()):
-            problems.append(f"leaf_modules class {leaf.__name__} has no instance in the model")
-    parameters = list(inspect.signature(type(model).forward).parameters.values())
-    names = {concrete_name(p): p for p in parameters}
-    for name in (name for name in concrete_args or {} if name not in names):
-        variadic = next((n for n, p in names.items() if p.name == name), None)  # torch.fx spells them *args, **kwargs
-        problems.append(
-            f"concrete_args names {name!r}, which forward does not take" + (f" (say {variadic!r})" if variadic else "")
-        )
-    for problem in problems:
-        warnings.warn(f"{problem}; it has no effect", UserWarning, stacklevel=3)
+def _no_effect(model: nn.Module, result: nn.Module, decisions: tuple[Change, ...]) -> str:
+    """What ``NoEffectWarning`` says: the model is anti-aliased already, or had nothing the options allow."""
+    name = type(model).__name__
+    if decisions and all(change.reason.startswith(_ALREADY) for change in decisions):
+        return f"{name} is anti-aliased already: its {len(decisions)} strided ops are blurred, so nothing changed"
+    parts = record_of(result).parts
+    untraced = f"; could not trace {', '.join(u.path for u in parts.untraced)}" if parts and parts.untraced else ""
+    return (
+        f"fxblur found nothing to blur in {name}: no conv or pool with a stride above 1 that the options allow "
+        f"({len(decisions)} considered){untraced}"
+    )
 
 
-def _check_not_wrapped(model: nn.Module) -> None:
-    """``TypeError`` for a compiled, scripted or data-parallel wrapper: fxblur rewrites the model inside."""
-    wrappers = {
-        "torch.compile": (torch._dynamo.eval_frame.OptimizedModule, "model._orig_mod", "compile the result again"),
-        "torch.jit": (torch.jit.ScriptModule, "the model before scripting", "script the result again"),
-        "DataParallel": (nn.DataParallel, "model.module", "wrap the result again"),
-        "DistributedDataParallel": (
-            nn.parallel.DistributedDataParallel,
-            "model.module",
-            "wrap the result again",
-        ),
-    }
-    for name, (cls, inner, then) in wrappers.items():
-        if isinstance(model, cls):
-            raise TypeError(
-                f"transform got a {name} wrapper ({type(model).__name__}); torch.fx cannot trace it. "
-                f"Pass {inner} instead, and {then}: fxblur.transform(model) first, then wrap."
-            )
-
-
-def _check_tracing_options(
-    copy: Any, strict: Any, flatten: Any, leaf_modules: Any, concrete_args: Any, verbose: Any
-) -> tuple:
-    for name, value in (("copy", copy), ("strict", strict), ("flatten", flatten), ("verbose", verbose)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be True or False, got {value!r}")
-    if isinstance(leaf_modules, (str, type)):
-        leaf_modules = (leaf_modules,)
-    try:
-        leaf_modules = tuple(leaf_modules)
-    except TypeError:
-        raise ValueError(f"leaf_modules must be nn.Module classes or module paths, got {leaf_modules!r}") from None
-    for leaf in leaf_modules:
-        if not (isinstance(leaf, str) or (isinstance(leaf, type) and issubclass(leaf, nn.Module))):
-            raise ValueError(f"leaf_modules must hold nn.Module classes or module paths, got {leaf!r}")
-    if concrete_args is not None and not isinstance(concrete_args, dict):
-        raise ValueError(f"concrete_args must be a dict of argument name to value, got {concrete_args!r}")
-    return leaf_modules
+def _leaf_name(leaf: type | str) -> str:
+    return leaf if isinstance(leaf, str) else f"{leaf.__module__}.{leaf.__qualname__}"

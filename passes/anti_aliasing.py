@@ -1,15 +1,15 @@
 """Record the anti-aliasing layers a model has already: they subsample, and fxblur leaves them as they are.
 
 timm's ``BlurPool2d``, antialiased-cnns' ``BlurPool``, kornia's ``BlurPool2D`` and
-``MaxBlurPool2D`` and Composer's blur layers (``fxblur.rewrite.known_layers``) are called
+``MaxBlurPool2D`` and Composer's blur layers (``fxblur.known_layers``) are called
 whole by the tracer, never blurred again. This pass records each call of one that
 subsamples, skipped with what it is, so that the report says what the model has; an op
 such a layer feeds at stride 1 is skipped by the blur passes as already blurred.
 
 Example:
     >>> from torch.fx.passes.infra.pass_manager import PassManager
-    >>> from fxblur.changes import recorded
-    >>> from fxblur.rewrite.tracer import trace
+    >>> from fxblur.record import logged
+    >>> from fxblur.trace import trace
     >>> class BlurPool2d(torch.nn.Module):  # stands in for timm's class, matched by its name
     ...     stride = 2
     ...     def forward(self, x):
@@ -18,7 +18,7 @@ Example:
     >>> model = torch.nn.Sequential(BlurPool2d())
     >>> gm = fx.GraphModule(model, trace(model).graph)
     >>> _ = PassManager([RecordAntiAliasing()])(gm)
-    >>> [(c.target, c.reason) for c in recorded(gm)]
+    >>> [(c.target, c.reason) for c in logged(gm, "decisions")]
     [('0', 'already anti-aliased: timm BlurPool2d')]
 """
 
@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxblur.changes import Change, record
-from fxblur.rewrite.known_layers import anti_aliasing
+from fxblur.known_layers import anti_aliasing
+from fxblur.record import Action, Change, log_decision
 
 
 class RecordAntiAliasing(PassBase):
@@ -42,7 +42,7 @@ class RecordAntiAliasing(PassBase):
             label = anti_aliasing(layer)
             stride = _per_axis(getattr(layer, "stride", 1))
             if label is not None and any(s > 1 for s in stride):
-                record(graph_module, _record(node, label, stride))
+                log_decision(graph_module, _record(node, label, stride))
         return PassResult(graph_module, False)
 
 
@@ -51,7 +51,7 @@ def _record(node: fx.Node, label: str, stride: tuple[int, ...]) -> Change:
     return Change(
         target=node.target,
         op=label.split()[-1],
-        action="skipped",
+        action=Action.SKIPPED,
         reason=f"already anti-aliased: {label}",
         kernel_size=None,
         stride=stride,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from fxblur.analysis.window_ops import WindowOp
+from fxblur.passes.context import RewriteContext
 from fxblur.passes.window_pass import WindowOpPass
-from fxblur.rewrite.window_ops import WindowOp
+from fxblur.record import Action
 
 
 class BlurAvgPools(WindowOpPass):
@@ -25,8 +27,8 @@ class BlurAvgPools(WindowOpPass):
 
     kind = "avg_pool"
 
-    def skip_reason(self, op: WindowOp, gm: fx.GraphModule) -> str:
-        reason = super().skip_reason(op, gm)
-        if not reason and op.ceil_mode and self.placement(op) == "blur_after":
+    def skip_reason(self, op: WindowOp, gm: fx.GraphModule, context: RewriteContext) -> str:
+        reason = super().skip_reason(op, gm, context)
+        if not reason and op.ceil_mode and self.placement(op) is Action.BLUR_AFTER:
             reason = "ceil_mode=True: a stride-1 average pool cannot compute the last, partial windows"
         return reason

@@ -14,16 +14,14 @@ polyphase sampling then makes it invariant only away from the borders. With
 
 (blurs pad circularly through ``padding_mode``). A conv that crops (``padding=0`` with a
 kernel above 1, or ``"valid"``) is left as it is, and so is a module that code outside the
-graph also calls: ``obstacles`` says which, since they stop a model from being exactly
-equivariant.
+graph also calls: the pass logs each as an obstacle (``fxblur.record.Obstacle``), since
+they stop a model from being exactly equivariant.
 
 Example:
     >>> from torch.fx.passes.infra.pass_manager import PassManager
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.MaxPool2d(3, 1, 1))
     >>> gm = fx.symbolic_trace(net)
-    >>> circular = CircularPadding()
-    >>> _ = PassManager([circular])(gm)
-    >>> circular.finish()
+    >>> _ = PassManager([CircularPadding()])(gm)
     >>> gm.get_submodule("0").padding_mode, gm.get_submodule("1").padding
     ('circular', 0)
     >>> x = torch.randn(1, 4, 6, 6)
@@ -33,77 +31,66 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch.fx as fx
-from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from fxblur.analysis.window_ops import WindowOp, read_window_op, set_call_argument
 from fxblur.ops.ceil_mode import pad_for_ceil_mode, pad_window_circularly
-from fxblur.rewrite.calls import STRIDED_AS, place
-from fxblur.rewrite.window_ops import WindowOp, read_window_op, set_call_argument
+from fxblur.passes.context import RewriteContext
+from fxblur.passes.edit import insert_before, replace_uses, strided_as
+from fxblur.record import Obstacle, ObstacleKind, log_obstacle
 
 
 class CircularPadding(PassBase):
     """Make the convs and pools of a graph pad circularly (see the module docstring).
 
     Args:
-        frozen: ids of modules that must not change (code outside the graph calls them).
+        context: shared by the passes over every graph of one model (modules change when it
+            is installed); a pass run on a single GraphModule on its own makes one for it.
     """
 
-    def __init__(self, frozen: frozenset[int] = frozenset()) -> None:
-        self.frozen = frozen
-        self.obstacles: dict[str, str] = {}
-        self._settings: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
-
-    def finish(self) -> None:
-        """Change the modules, once every graph has seen them as they were (call after the last graph)."""
-        for module, settings in self._settings.values():
-            for name, value in settings.items():
-                setattr(module, name, value)
-        self._settings.clear()
+    def __init__(self, context: RewriteContext | None = None) -> None:
+        self.context = context
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
+        context = self.context or RewriteContext([graph_module])
         modified = False
         for node in list(graph_module.graph.nodes):
             op = read_window_op(node, graph_module)
-            strided_as = node.meta.get(STRIDED_AS)
-            if op is None or not (strided_as or _pads(op)):
+            was = strided_as(node)
+            if op is None or not (was or _pads(op)):
                 continue
-            reason = _why_not(op, self.frozen, strided_as)
-            if reason:
-                self.obstacles[op.target] = reason
+            obstacle = _why_not(op, context.frozen, was)
+            if obstacle is not None:
+                log_obstacle(graph_module, obstacle)
                 continue
-            if strided_as and _is_ceil_mode_padding(op.input):  # wrap around instead of -inf samples
+            if was and _is_ceil_mode_padding(op.input):  # wrap around instead of -inf samples
                 ceil_padding = op.input
-                op.replace_input(ceil_padding.args[0])
+                replace_uses(ceil_padding, ceil_padding.args[0], only=[op.node])
                 graph_module.graph.erase_node(ceil_padding)
             if op.kind == "conv" and op.module is not None and _same(op):
-                self._set(op.module, padding_mode="circular")
+                context.configure(op.module, padding_mode="circular")
             else:
-                self._pad_before(graph_module, op, strided_as)
+                self._pad_before(op, was, context)
             modified = True
+        if self.context is None:
+            context.install(graph_module)
         return PassResult(graph_module, modified)
 
-    def _pad_before(self, gm: fx.GraphModule, op: WindowOp, strided_as: tuple | None) -> None:
+    def _pad_before(self, op: WindowOp, was: tuple | None, context: RewriteContext) -> None:
         """Feed ``op`` a circularly padded input and make it pad nothing itself."""
         zeros = [0] * op.dims
-        stride, ceil_mode = strided_as or (op.stride, op.ceil_mode)
+        stride, ceil_mode = was or (op.stride, op.ceil_mode)
         geometry = (list(op.kernel_size), list(stride), list(op.padding), list(op.dilation), ceil_mode)
-        with gm.graph.inserting_before(op.node):
-            pad = gm.graph.call_function(pad_window_circularly, (op.input, *geometry, strided_as is not None))
-        place(pad, op.node).meta["is_wrapped"] = True
-        op.replace_input(pad)
+        pad = insert_before(op.node, pad_window_circularly, (op.input, *geometry, was is not None))
+        replace_uses(op.input, pad, only=[op.node])
         if op.module is None:
             set_call_argument(op.node, "padding", zeros)
             if op.ceil_mode:
                 set_call_argument(op.node, "ceil_mode", False)
         else:
             padding = tuple(zeros) if isinstance(op.module.padding, tuple) else 0
-            self._set(op.module, padding=padding, **({"ceil_mode": False} if op.kind != "conv" else {}))
-
-    def _set(self, module: nn.Module, **settings: Any) -> None:
-        self._settings.setdefault(id(module), (module, {}))[1].update(settings)
+            context.configure(op.module, padding=padding, **({"ceil_mode": False} if op.kind != "conv" else {}))
 
 
 def _pads(op: WindowOp) -> bool:
@@ -111,15 +98,17 @@ def _pads(op: WindowOp) -> bool:
     return op.ceil_mode or op.padding == "same" or _crops(op) or (not isinstance(op.padding, str) and any(op.padding))
 
 
-def _why_not(op: WindowOp, frozen: frozenset[int], strided_as: tuple | None) -> str:
-    """Why ``op`` cannot pad circularly, or ``""``."""
-    if not strided_as and _crops(op):
-        return f"crops its input (kernel {op.kernel_size}, stride {op.stride}, padding {op.padding})"
+def _why_not(op: WindowOp, frozen: frozenset[int], was: tuple | None) -> Obstacle | None:
+    """Why ``op`` cannot pad circularly, or ``None``."""
+    if not was and _crops(op):
+        why = f"crops its input (kernel {op.kernel_size}, stride {op.stride}, padding {op.padding})"
+        return Obstacle(op.target, ObstacleKind.CROPS, why)
     if isinstance(op.padding, str):
-        return f"pads {op.padding!r}: give it numbers for circular padding"
+        why = f"pads {op.padding!r}: give it numbers for circular padding"
+        return Obstacle(op.target, ObstacleKind.PADDING_NOT_NUMERIC, why)
     if op.module is not None and id(op.module) in frozen:
-        return "pads as it did: code outside the graph also calls it"
-    return ""
+        return Obstacle(op.target, ObstacleKind.CALLED_OUTSIDE, "pads as it did: code outside the graph also calls it")
+    return None
 
 
 def _crops(op: WindowOp) -> bool:

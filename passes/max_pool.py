@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from fxblur._compat import keep_opaque_when_retraced
+from fxblur.analysis.window_ops import WindowOp
 from fxblur.ops.ceil_mode import pad_for_ceil_mode
 from fxblur.ops.max_pool import max_pool_stride_one, stride_one_max_pool
-from fxblur.passes.window_pass import RewriteContext, WindowOpPass
-from fxblur.rewrite.calls import STRIDED_AS, place
-from fxblur.rewrite.window_ops import WindowOp
+from fxblur.passes.context import RewriteContext
+from fxblur.passes.edit import insert_before, mark_strided_as, replace_uses
+from fxblur.passes.window_pass import WindowOpPass
 
 
 class BlurMaxPools(WindowOpPass):
@@ -32,27 +34,25 @@ class BlurMaxPools(WindowOpPass):
 
     kind = "max_pool"
 
-    def skip_reason(self, op: WindowOp, gm: fx.GraphModule) -> str:
-        reason = super().skip_reason(op, gm)
+    def skip_reason(self, op: WindowOp, gm: fx.GraphModule, context: RewriteContext) -> str:
+        reason = super().skip_reason(op, gm, context)
         if not reason and op.return_indices:
             reason = "return_indices=True: the indices must refer to the strided pool's input"
         return reason
 
     def run_at_stride_one(self, gm: fx.GraphModule, op: WindowOp, context: RewriteContext) -> tuple[fx.Node, ...]:
-        op.node.meta[STRIDED_AS] = (op.stride, op.ceil_mode)
+        mark_strided_as(op.node, op.stride, op.ceil_mode)
         added = ()
         if op.ceil_mode:
             geometry = (list(op.kernel_size), list(op.stride), list(op.padding), list(op.dilation))
-            with gm.graph.inserting_before(op.node):
-                padded = place(gm.graph.call_function(pad_for_ceil_mode, (op.input, *geometry)), op.node)
-            padded.meta["is_wrapped"] = True  # the generated code re-registers torch.fx.wrap
-            op.replace_input(padded)
+            padded = insert_before(op.node, pad_for_ceil_mode, (op.input, *geometry))
+            replace_uses(op.input, padded, only=[op.node])
             added = (padded,)
         if op.module is None:
             op.node.target = max_pool_stride_one
             op.node.args = (op.input, list(op.kernel_size), list(op.padding), list(op.dilation))
             op.node.kwargs = {}
-            op.node.meta["is_wrapped"] = True
+            keep_opaque_when_retraced(op.node)
         elif op.custom_forward:  # a subclass pads in its own forward (timm's MaxPool2dSame): keep it, at stride 1
             added = (*added, *super().run_at_stride_one(gm, op, context))
         else:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from fxblur.changes import Change
-from fxblur.passes.window_pass import Plan, RewriteContext, WindowOpPass
-from fxblur.rewrite.pointwise import pointwise_chain
-from fxblur.rewrite.window_ops import WindowOp
+from fxblur.analysis.pointwise import pointwise_chain
+from fxblur.analysis.window_ops import WindowOp
+from fxblur.passes.context import RewriteContext
+from fxblur.passes.window_pass import Plan, Rewrite, WindowOpPass
+from fxblur.record import Action, Change
 
 
 class BlurStridedConvs(WindowOpPass):
@@ -16,11 +17,11 @@ class BlurStridedConvs(WindowOpPass):
     Convs with fewer than ``min_channels`` input channels are skipped, as in Composer:
     an RGB stem conv keeps its full resolution input.
 
-    Placement: ``blur_before`` with ``blur_first``; otherwise ``blur_after``, or
-    ``blur_past_nonlinearity`` with ``past_nonlinearity``. A 1x1 conv without padding
-    gets ``subsample_before`` instead, at a quarter of the cost of the others:
+    Placement: ``BLUR_BEFORE`` with ``blur_first``; otherwise ``BLUR_AFTER``, or
+    ``BLUR_PAST_NONLINEARITY`` with ``past_nonlinearity``. A 1x1 conv without padding
+    gets ``SUBSAMPLE_BEFORE`` instead, at a quarter of the cost of the others:
 
-    - instead of ``blur_before``: the strided 1x1 conv only reads every ``stride``-th
+    - instead of ``BLUR_BEFORE``: the strided 1x1 conv only reads every ``stride``-th
       sample of the stride-1 blur, exactly the samples a subsampling blur computes;
     - instead of the other two: a 1x1 conv mixes channels at each position and a blur
       filters each channel over positions, so the two commute. (With zero padding the
@@ -36,8 +37,11 @@ class BlurStridedConvs(WindowOpPass):
 
     kind = "conv"
 
-    def skip_reason(self, op: WindowOp, gm: fx.GraphModule) -> str:
-        reason = super().skip_reason(op, gm)
+    def rewrites(self) -> dict[Action, Rewrite]:
+        return {**super().rewrites(), Action.BLUR_PAST_NONLINEARITY: self.blur_past_nonlinearity}
+
+    def skip_reason(self, op: WindowOp, gm: fx.GraphModule, context: RewriteContext) -> str:
+        reason = super().skip_reason(op, gm, context)
         minimum = self.options.min_channels
         if not reason and op.in_channels is not None and op.in_channels < minimum:
             reason = f"in_channels {op.in_channels} < min_channels {minimum}"
@@ -45,27 +49,27 @@ class BlurStridedConvs(WindowOpPass):
             reason = f"in_channels not known before the lazy conv's first call (min_channels {minimum}): run one first"
         return reason
 
-    def placement(self, op: WindowOp) -> str:
+    def placement(self, op: WindowOp) -> Action:
         pointwise = _is_unpadded_1x1(op)
         if self.options.blur_first and not self.options.past_nonlinearity:
-            return "subsample_before" if pointwise else "blur_before"
+            return Action.SUBSAMPLE_BEFORE if pointwise else Action.BLUR_BEFORE
         if pointwise and self._bias_commutes_with_blur(op):
-            return "subsample_before"
-        return "blur_past_nonlinearity" if self.options.past_nonlinearity else "blur_after"
+            return Action.SUBSAMPLE_BEFORE
+        return Action.BLUR_PAST_NONLINEARITY if self.options.past_nonlinearity else Action.BLUR_AFTER
 
-    def plan(self, op: WindowOp, gm: fx.GraphModule) -> Plan:
-        plan = super().plan(op, gm)
-        if plan.placement != "blur_past_nonlinearity":
+    def plan(self, op: WindowOp, gm: fx.GraphModule, context: RewriteContext) -> Plan:
+        plan = super().plan(op, gm, context)
+        if plan.placement is not Action.BLUR_PAST_NONLINEARITY:
             return plan
         chain = tuple(pointwise_chain(op.node, gm, op.dims))
         # a conv that feeds a branch or a non-pointwise op straight away is blurred right after
-        return Plan("blur_past_nonlinearity", chain=chain) if chain else Plan("blur_after")
+        return Plan(Action.BLUR_PAST_NONLINEARITY, chain=chain) if chain else Plan(Action.BLUR_AFTER)
 
     def blur_past_nonlinearity(self, gm: fx.GraphModule, op: WindowOp, plan: Plan, context: RewriteContext) -> Change:
         """Run the conv at stride 1 and subsample after the per-channel ops that follow it."""
         source = op.input
         added = self.run_at_stride_one(gm, op, context)
-        return self._blur_output(gm, op, "blur_past_nonlinearity", source, added, plan.chain, context)
+        return self.blur_output(gm, op, Action.BLUR_PAST_NONLINEARITY, source, added, plan.chain, context)
 
     def _bias_commutes_with_blur(self, op: WindowOp) -> bool:
         has_bias = op.module.bias is not None if op.module is not None else op.arguments.get("bias") is not None

@@ -13,7 +13,7 @@ from torch import nn
 from torch.export import Dim
 
 import fxblur
-from fxblur.rewrite.graph_module import TrainEvalGraphModule
+from fxblur.assemble.graph_module import TrainEvalGraphModule
 from support import TORCH_VERSION, TrainOnlyHead, needs_torch
 
 MODELS = {  # a model and the options it is rewritten with

@@ -14,7 +14,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_ac
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import fxblur
-from fxblur.rewrite.nesting import HookWarning
+from fxblur import HookWarning
 
 PLACEMENTS = {"blur_first": {}, "blur_after": {"blur_first": False}, "past_nonlinearity": {"past_nonlinearity": True}}
 

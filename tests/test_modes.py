@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 import fxblur
-from fxblur.rewrite.graph_module import TrainEvalGraphModule
+from fxblur.assemble.graph_module import TrainEvalGraphModule
 from support import TrainOnlyHead
 
 

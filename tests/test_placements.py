@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 import fxblur
-from fxblur.changes import flat_graph_module
+from fxblur.record import flat_graph_module
 
 
 def decisions(gm) -> dict[str, fxblur.Change]:

@@ -11,8 +11,6 @@ import torchvision
 from torch import nn
 
 import fxblur
-from fxblur.changes import obstacles_of
-from fxblur.rewrite.nesting import nesting_of
 from support import layer_shapes
 
 PLACEMENTS = {
@@ -55,7 +53,7 @@ def test_logits_do_not_move_under_circular_shifts(name, placement):
         "phase_before",
         "phase_after",
     }
-    assert obstacles_of(gm) == {}
+    assert fxblur.record_of(gm).obstacles == ()
     x = torch.randn(2, 3, 64, 64)
     moved, same_class = worst_move(gm, x)
     assert moved <= 1e-5 and same_class
@@ -84,7 +82,7 @@ def test_the_cheap_form_chooses_a_group_phase_once_on_the_block_input():
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_resnet_blocks_stay_modules_with_their_shortcut_unchanged(placement):
     gm = fxblur.transform(build("resnet50"), polyphase=True, verbose=False, **PLACEMENTS[placement])
-    assert nesting_of(gm).inlined == ()
+    assert fxblur.report(gm).nesting.inlined == ()
     for n in (2, 3, 4):
         shortcut = gm.get_submodule(f"layer{n}.0.downsample")
         assert type(shortcut) is nn.Sequential  # the phase is applied where the block chose it, and handed down
@@ -125,7 +123,9 @@ def test_strides_above_two_select_among_all_their_phases():
 def test_a_non_global_head_and_a_cropping_conv_are_named():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, stride=2, padding=1))  # the first crops
     gm = fxblur.transform(model, polyphase=True, circular_padding=True, verbose=False)
-    assert obstacles_of(gm) == {"0": "crops its input (kernel (3, 3), stride (1, 1), padding (0, 0))"}
+    assert [(o.target, o.kind, o.reason) for o in fxblur.record_of(gm).obstacles] == [
+        ("0", "crops", "crops its input (kernel (3, 3), stride (1, 1), padding (0, 0))")
+    ]
     assert "crops its input" in str(fxblur.report(gm))
 
 

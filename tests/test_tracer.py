@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxblur
-from fxblur.rewrite.nesting import nesting_of
 from support import assert_same_snapshot, snapshot
 
 
@@ -58,7 +57,7 @@ def test_optional_arguments_are_fixed_at_their_defaults():
     before = snapshot(model)
     gm = fxblur.transform(model, verbose=False)
     assert [c.target for c in fxblur.changes(gm)] == ["pool"]
-    assert nesting_of(gm).inlined == ()
+    assert fxblur.report(gm).nesting.inlined == ()
     calls = []
     gm.blocks.register_forward_hook(lambda *args: calls.append("blocks"))
     x = torch.randn(2, 16, 8, 8)
@@ -231,7 +230,7 @@ def test_timm_vit_keeps_its_blocks_called_as_a_module():
         warnings.simplefilter("ignore")
         model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2).eval()
         gm = fxblur.transform(model, verbose=False)
-    assert nesting_of(gm).inlined == ()
+    assert fxblur.report(gm).nesting.inlined == ()
     assert fxblur.report(gm).specialised == {"attn_mask": None, "is_causal": False}
     calls = []
     gm.blocks.register_forward_hook(lambda *args: calls.append("blocks"))
@@ -257,3 +256,37 @@ def test_a_strided_conv_inside_a_module_timm_registers_as_not_traceable_is_blurr
     with pytest.warns(fxblur.NoEffectWarning):  # the user's leaves stay whole
         kept = fxblur.transform(model, leaf_modules=[cpubone.ConvAttention], verbose=False)
     assert [c.reason for c in fxblur.changes(kept)] == ["inside 0 (ConvAttention), which is called whole"]
+
+
+class ChannelsChecked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        if x.shape[1] not in (16, 32):
+            raise ValueError("16 or 32 channels")
+        return self.conv(x[:, :16])
+
+
+def test_a_membership_check_is_traced_as_passing_and_kept_whole():
+    model = ChannelsChecked().eval()
+    gm = fxblur.transform(model, verbose=False)
+    for channels in (16, 32):  # both pass eagerly, and after the rewrite
+        x = torch.randn(1, channels, 8, 8)
+        assert gm(x).shape == model(x).shape
+    with pytest.raises(AssertionError, match=r"x.shape\[1\] not in \(16, 32\)"):
+        gm(torch.randn(1, 8, 8, 8))
+    assert "contains" in fxblur.record_of(gm).flat_graph(False).code  # one membership test, not an equality
+
+
+class BlursItself(nn.Module):
+    def forward(self, x):
+        return fxblur.blur(x.long(), stride=2)  # an integer image: the blur refuses it
+
+
+def test_an_error_inside_fxblurs_own_op_is_blamed_on_the_models_line():
+    with pytest.raises(fxblur.UntraceableModelError) as error:
+        fxblur.transform(nn.Sequential(BlursItself(), nn.Flatten()), verbose=False)
+    assert "test_tracer.py" in error.value.summary and "(`return fxblur.blur(x.long(), stride=2)" in error.value.summary
+    assert "fxblur/ops" not in error.value.summary

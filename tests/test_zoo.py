@@ -15,7 +15,7 @@ import torch
 import torchvision.models as tvm
 
 import fxblur
-from fxblur.changes import flat_graph_module
+from fxblur.record import flat_graph_module
 from support import IMAGE_ZOO, VIDEO_ZOO, input_sizes, layer_shapes, meta_model
 
 # Transformers whose only strided op is a patchify stem on 3 channels (< min_channels).

@@ -33,7 +33,6 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fxblur
-from fxblur.changes import obstacles_of
 from fxblur.models import build
 
 VARIANTS: dict[str, dict | None] = {
@@ -85,10 +84,10 @@ def measure(name: str, args: argparse.Namespace) -> list[dict]:
             model = original if options is None else fxblur.transform(original, verbose=False, **options)
         start = time.perf_counter()
         worst, kept = movement(model, images, shifts)
-        obstacles = obstacles_of(model) if options else None
+        obstacles = fxblur.record_of(model).obstacles if options else None
         rows.append({
             "model": name, "variant": variant, "relative change": worst, "top-1 kept": kept,
-            "obstacles": "; ".join(f"{t}: {why}" for t, why in (obstacles or {}).items()),
+            "obstacles": "; ".join(f"{o.target}: {o.reason}" for o in obstacles or ()),
             "seconds": round(time.perf_counter() - start, 1),
         })  # fmt: skip
     return rows

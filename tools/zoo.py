@@ -79,9 +79,9 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fxblur
-from fxblur.changes import flat_graph_module
 from fxblur.models import build, suggestions, timm_available, torchvision_names
-from fxblur.rewrite.calls import SITE
+from fxblur.record import flat_graph_module
+from fxblur.trace.calls import SITE
 
 PLACEMENTS: dict[str, dict[str, Any]] = {
     "default": {},

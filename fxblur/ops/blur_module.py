@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
-from torch import nn
 
+from fxblur._compat import RefillAfterApply
 from fxblur.ops.blur import blur_with_kernel, per_axis
 from fxblur.ops.depthwise import depthwise_blur
 from fxblur.ops.filters import binomial_kernel
 from fxblur.ops.padding import check_padding_mode
 
 
-class Blur(nn.Module):
+class Blur(RefillAfterApply):
     """Binomial low-pass filter with optional subsampling (BlurPool's anti-aliasing step).
 
     The filter is a non-persistent buffer: it moves with ``.to()``, follows ``.half()``,
@@ -61,8 +61,8 @@ class Blur(nn.Module):
         with torch.no_grad():
             self.filter.copy_(binomial_kernel(self.filter_size))
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Blur:
-        """``nn.Module._apply`` (behind ``.to()``, ``.half()``, ``.to_empty()``), then a refill of the filter.
+    def refill(self) -> None:
+        """After ``.to()``, ``.half()``, ``.to_empty()``: the filter refilled (``RefillAfterApply``).
 
         Example:
             >>> with torch.device("meta"):
@@ -70,9 +70,7 @@ class Blur(nn.Module):
             >>> blur.to_empty(device="cpu").filter[1]
             tensor([0.1250, 0.2500, 0.1250])
         """
-        super()._apply(fn, recurse)
         self.reset_parameters()
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unbatched = x.dim() == len(self.stride) + 1

@@ -16,7 +16,7 @@ the op alone, as configured. Max pools run at stride 1 through the fast stride-1
 pool (``fxblur.ops.ceil_mode``), so that every output size stays the original's.
 
 Example:
-    >>> from fxblur.rewrite.cloning import share_tensors
+    >>> from fxblur.trace.cloning import share_tensors
     >>> conv = nn.Conv2d(16, 16, 3, stride=2, padding=1)
     >>> blurred = make_blurred(share_tensors(conv), Blur(3, stride=1), blur_input=True)
     >>> isinstance(blurred, nn.Conv2d), blurred.weight is conv.weight, list(blurred.state_dict())

@@ -36,6 +36,8 @@ from typing import Any, Protocol
 
 import torch
 
+from fxblur._compat import functorch_transforms_active
+
 
 def runs_eagerly_on_cpu(x: torch.Tensor) -> bool:
     """Whether ``x`` is a plain float32/float64 CPU tensor outside any compiler or tracer."""
@@ -77,7 +79,7 @@ def apply(function: type[torch.autograd.Function], *args: Any) -> Any:
     ``inspect.signature`` on every call, which costs about 0.1 ms once a pass over a large
     tensor has flushed the caches, a few percent of a blur.
     """
-    if torch._C._are_functorch_transforms_active():  # what Function.apply itself asks
+    if functorch_transforms_active():  # what Function.apply itself asks
         return function.apply(*args)
     return _combined_form(function).apply(*args)
 

@@ -15,7 +15,8 @@ shortcut (added), the strided branches of an Inception or ShuffleNet reduction b
 A group's *source* is the latest tensor every member's input derives from that way (the
 block's input, in a ResNet); the cheap form of polyphase sampling computes the group's
 phase there, once. A group whose members meet but share no source, or subsample by
-different strides, cannot be made consistent in that form: ``PhaseGroup.problem`` says so.
+different strides, cannot be made consistent in that form: ``PhaseGroup.problem`` says why
+(a ``GroupProblem``).
 
 Example:
     >>> gm = fx.symbolic_trace(torchvision.models.resnet18())
@@ -26,17 +27,29 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import enum
+from dataclasses import dataclass
 
 import torch.fx as fx
 from torch import nn
 
+from fxblur._compat import BATCH_NORM_BASE
+from fxblur.analysis.pointwise import MODULES as POINTWISE_MODULES
+from fxblur.analysis.pointwise import per_channel_op_on
+from fxblur.analysis.window_ops import WindowOp, read_window_op
 from fxblur.ops.blur_module import Blur
-from fxblur.rewrite.pointwise import MODULES as POINTWISE_MODULES
-from fxblur.rewrite.pointwise import per_channel_op_on
-from fxblur.rewrite.window_ops import WindowOp, read_window_op
 
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+_NORMS = (BATCH_NORM_BASE, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+class GroupProblem(str, enum.Enum):
+    """Why a group's ops cannot share one phase chosen at a common source."""
+
+    DIFFERENT_STRIDES = "its ops subsample by different strides"
+    NO_COMMON_SOURCE = "its outputs meet, but its inputs derive from no common tensor"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -47,14 +60,13 @@ class PhaseGroup:
         name: the target of its first member, which names it in reports.
         members: its ops, in graph order.
         source: the tensor all members' inputs derive from through stride-1 ops, if any.
-        problem: why the group cannot share one phase computed at a source ("" if it can).
+        problem: why the group cannot share one phase computed at a source (``None`` if it can).
     """
 
     name: str
     members: list[WindowOp]
     source: fx.Node | None = None
-    problem: str = ""
-    paths: dict[str, list[fx.Node]] = field(default_factory=dict, repr=False)
+    problem: GroupProblem | None = None
 
 
 def phase_groups(ops: list[WindowOp], gm: fx.GraphModule) -> list[PhaseGroup]:
@@ -91,9 +103,9 @@ def _group(members: list[WindowOp], paths: list[list[fx.Node]]) -> PhaseGroup:
     common = set(paths[0]).intersection(*paths[1:])
     group.source = next((node for node in paths[0] if node in common), None)  # the first on the way back
     if len({op.stride for op in members}) > 1:
-        group.problem = "its ops subsample by different strides"
+        group.problem = GroupProblem.DIFFERENT_STRIDES
     elif group.source is None:
-        group.problem = "its outputs meet, but its inputs derive from no common tensor"
+        group.problem = GroupProblem.NO_COMMON_SOURCE
     return group
 
 

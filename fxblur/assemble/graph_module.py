@@ -7,7 +7,7 @@ included), and hooks fire as before. torch.fx's own ``GraphModule(root, graph)``
 what the graph references, in reference order, and no hooks.
 
 - The root of a rewritten model is a ``BlurGraphModule`` named like the model's class.
-- A submodule that gets a forward of its own (``fxblur.rewrite.nesting``) keeps its class
+- A submodule that gets a forward of its own (``fxblur.assemble.nesting``) keeps its class
   too: it becomes an instance of a subclass of ``BlurGraphModule`` *and* of its original
   class (``Rewritten[Bottleneck]``), so a ``Sequential`` still iterates and indexes, and an
   ``isinstance`` check on a block (an FSDP or activation-checkpointing policy) still holds.
@@ -36,7 +36,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxblur.rewrite.calls import forget_calls
+from fxblur._compat import GRAPH_ATTRIBUTE
+from fxblur.trace.calls import forget_calls
 
 _TREE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
 
@@ -58,7 +59,7 @@ class BlurGraphModule(fx.GraphModule):
         ('ResNet', True)
     """
 
-    _graph_attributes: tuple[str, ...] = ("_graph",)
+    _graph_attributes: tuple[str, ...] = (GRAPH_ATTRIBUTE,)
 
     def __reduce__(self) -> tuple[Callable[..., BlurGraphModule], tuple]:
         state = {name: value for name, value in self.__dict__.items() if not isinstance(value, fx.Graph)}

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from fxblur.rewrite.calls import SITE
+from fxblur._compat import WITH_INDICES_BUILTINS
+from fxblur.record import Action, Change
+from fxblur.trace.calls import SITE
 
 _CONV_PARAMETERS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
@@ -69,9 +71,8 @@ def _functions() -> dict[Callable, _Function]:
         table[getattr(torch, f"max_pool{dims}d")] = max_pool
         table[getattr(F, f"max_pool{dims}d_with_indices")] = with_indices
         table[getattr(F, f"avg_pool{dims}d")] = avg_pool
-    table[torch.max_pool1d_with_indices] = table[F.max_pool1d_with_indices]
-    table[torch._C._nn.max_pool2d_with_indices] = table[F.max_pool2d_with_indices]
-    table[torch._C._nn.max_pool3d_with_indices] = table[F.max_pool3d_with_indices]
+    for dims, builtin in enumerate(WITH_INDICES_BUILTINS, start=1):
+        table[builtin] = table[getattr(F, f"max_pool{dims}d_with_indices")]
     return table
 
 
@@ -95,7 +96,7 @@ class WindowOp:
     """A conv or pool node as every pass sees it.
 
     ``target`` names it in reports and ``exclude`` patterns: the module path for a module
-    call; for a functional call, its site (``fxblur.rewrite.calls``: the path of the module
+    call; for a functional call, its site (``fxblur.trace.calls``: the path of the module
     that made the call and the function's name, ``"Mixed_6a.max_pool2d"``), or the node's
     name in a graph that was not traced by fxblur. ``arguments`` holds a functional call's
     arguments by parameter name; it is empty for module calls, whose ``module`` is set.
@@ -130,13 +131,6 @@ class WindowOp:
     def input(self) -> fx.Node:
         """The node that feeds the op's input tensor."""
         return self.node.args[0] if self.node.args else self.node.kwargs["input"]
-
-    def replace_input(self, new: fx.Node) -> None:
-        """Feed the op from ``new`` instead of its current input."""
-        if self.node.args:
-            self.node.update_arg(0, new)
-        else:
-            self.node.update_kwarg("input", new)
 
 
 def read_window_op(node: fx.Node, root: nn.Module) -> WindowOp | None:
@@ -255,10 +249,66 @@ def _constant(value: Any, root: nn.Module) -> torch.Tensor | None:
 
 
 def set_call_argument(node: fx.Node, name: str, value: Any) -> None:
-    """Set argument ``name`` of a functional conv/pool call, where the call passes it."""
+    """Set argument ``name`` (not the input) of a functional conv/pool call, where the call passes it."""
     parameters = FUNCTIONS[node.target].parameters
     index = parameters.index(name)
     if index < len(node.args):
         node.update_arg(index, value)
     else:
         node.update_kwarg(name, value)
+
+
+def change_of(
+    op: WindowOp,
+    action: Action,
+    reason: str = "",
+    blur: str | None = None,
+    input_node: fx.Node | None = None,
+    output_node: fx.Node | None = None,
+    added: tuple[fx.Node, ...] = (),
+    enlarged: tuple[fx.Node, ...] = (),
+    blurred_module: bool = False,
+) -> Change:
+    """The record of what a pass did to ``op`` (see ``fxblur.record.Change``)."""
+    return Change(
+        target=op.target,
+        op=op.op,
+        action=action,
+        reason=reason,
+        kernel_size=op.kernel_size,
+        stride=op.stride,
+        in_channels=op.in_channels,
+        out_channels=op.out_channels,
+        blur=blur,
+        node=op.node.name,
+        input_node=(input_node or op.input).name,
+        output_node=(output_node or op.node).name,
+        added_nodes=tuple(n.name for n in added),
+        enlarged_nodes=tuple(n.name for n in enlarged),
+        blurred_module=blurred_module,
+    )
+
+
+def skipped_module(module: nn.Module, target: str, reason: str) -> Change | None:
+    """The record of a strided conv or pool module that no graph calls (it runs inside a leaf module), or ``None``."""
+    base = next((cls for cls in MODULES if isinstance(module, cls)), None)
+    if base is None:
+        return None
+    kind, dims = MODULES[base]
+    stride = expand_to_axes(module.stride, dims)
+    if not any(s > 1 for s in stride):
+        return None
+    return Change(
+        target=target,
+        op=f"{kind}{dims}d",
+        action=Action.SKIPPED,
+        reason=reason,
+        kernel_size=expand_to_axes(module.kernel_size, dims),
+        stride=stride,
+        in_channels=getattr(module, "in_channels", None),
+        out_channels=getattr(module, "out_channels", None),
+        blur=None,
+        node="",
+        input_node="",
+        output_node="",
+    )

@@ -26,16 +26,17 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import types
-import weakref
 from typing import Any
 
 import torch.fx as fx
 from torch import nn
-from torch.nn.modules.module import _WrappedHook
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 from torch.utils.hooks import RemovableHandle
+
+from fxblur._compat import GRAPH_ATTRIBUTE, new_graph_module_of_class, rebind_wrapped_hook, retarget_handle
 
 
 def share_tensors(module: nn.Module) -> nn.Module:
@@ -48,7 +49,7 @@ def _clone(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
         return memo[id(module)]
     graph_module = isinstance(module, fx.GraphModule)
     # A GraphModule's forward lives on a class of its own: give the clone a new one.
-    clone = type(module).__new__(type(module)) if graph_module else object.__new__(type(module))
+    clone = new_graph_module_of_class(type(module)) if graph_module else object.__new__(type(module))
     memo[id(module)] = clone
     # Containers (parameter, buffer and hook tables) are copied one level deep, so that
     # registering or replacing on the clone leaves the original's tables as they are. The
@@ -65,7 +66,7 @@ def _clone(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
         for name, value in module.__dict__.items():
             if isinstance(value, fx.Graph):
                 clone.__dict__[name] = graphs[id(value)]
-        clone.graph = clone._graph  # takes ownership and compiles the clone's own forward
+        clone.graph = clone.__dict__[GRAPH_ATTRIBUTE]  # takes ownership and compiles the clone's own forward
     return clone
 
 
@@ -78,7 +79,7 @@ def _own_hooks_and_lazy_tensors(module: nn.Module, clone: nn.Module) -> None:
             for key, hook in value.items():
                 value[key] = _rebound(hook, module, clone)
         elif isinstance(value, RemovableHandle):
-            clone.__dict__[name] = _retargeted(value, tables)
+            clone.__dict__[name] = retarget_handle(value, tables)
         else:  # a method stored on the instance (timm picks its forward so)
             clone.__dict__[name] = _rebound(value, module, clone)
     for table, fresh in (("_parameters", _fresh_parameter), ("_buffers", _fresh_buffer)):
@@ -90,25 +91,7 @@ def _own_hooks_and_lazy_tensors(module: nn.Module, clone: nn.Module) -> None:
 def _rebound(hook: Any, module: nn.Module, clone: nn.Module) -> Any:
     if inspect.ismethod(hook) and hook.__self__ is module:
         return types.MethodType(hook.__func__, clone)
-    if isinstance(hook, _WrappedHook):
-        wrapped = copy.copy(hook)
-        wrapped.hook = _rebound(hook.hook, module, clone)
-        if getattr(hook, "with_module", False) and hook.module() is module:
-            wrapped.module = weakref.ref(clone)
-        return wrapped
-    return hook
-
-
-def _retargeted(handle: RemovableHandle, tables: dict[int, dict]) -> RemovableHandle:
-    """``handle`` for the copies of the hook tables it refers to, where it refers to ``module``'s."""
-    state = handle.__getstate__()
-    table, hook_id, extra = state[0], state[1], state[2] if len(state) > 2 else ()
-    copies = [tables.get(id(table)), *(tables.get(id(each)) for each in extra or ())]
-    if copies[0] is None:
-        return handle
-    retargeted = RemovableHandle.__new__(RemovableHandle)
-    retargeted.__setstate__((copies[0], hook_id, tuple(c for c in copies[1:] if c is not None)))
-    return retargeted
+    return rebind_wrapped_hook(hook, functools.partial(_rebound, module=module, clone=clone), module, clone)
 
 
 def _fresh_parameter(tensor: UninitializedParameter) -> UninitializedParameter:

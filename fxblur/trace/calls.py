@@ -5,10 +5,9 @@ where one module's ``forward`` began and ended. ``BlurTracer`` records it: every
 traced-through module becomes a ``Call`` (the module, its path, the arguments it received
 and the value it returned, as graph nodes), and every node carries the call it was created
 in, ``node.meta[CALL]``. The passes decide on the flat graph, where dataflow across modules
-is visible, place each node they add in a call (``place``) and move the uses of a value to
-another through ``redirect``, which keeps the calls' records of what they received and
-returned up to date; ``fxblur.rewrite.nesting`` then puts every piece back into the module
-where it lives.
+is visible, and edit it through ``fxblur.passes.edit``, which keeps these records right
+(a node a pass adds belongs to the call of the node it is added next to); the assembly
+(``fxblur.assemble``) then puts every piece back into the module where it lives.
 
 Every module and function call also gets a *site* name (``name_sites``), the same in the
 train and eval graphs of a model: a module call is named by its module's path, a
@@ -19,7 +18,7 @@ graphs, so that a call made in one mode only does not renumber the others; a lin
 several times (a loop) numbers its calls ``"@1"``, ``"@2"``.
 
 Example:
-    >>> from fxblur.rewrite.tracer import trace
+    >>> from fxblur.trace import trace
     >>> block = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), nn.Flatten())
     >>> traced = trace(block)
     >>> [(child.path, [n.op for n in child.args]) for child in traced.root.children]
@@ -45,7 +44,6 @@ from torch import nn
 CALL = "fxblur.call"
 SITE = "fxblur.site"
 LINE = "fxblur.line"
-STRIDED_AS = "fxblur.strided_as"  # (stride, ceil_mode) of an op a rewrite moved to stride 1
 
 
 @dataclass(eq=False)
@@ -122,31 +120,6 @@ def _base_name(node: fx.Node) -> str:
 def call_of(node: fx.Node) -> Call | None:
     """The call ``node`` was traced in, or placed in by a pass."""
     return node.meta.get(CALL)
-
-
-def place(node: fx.Node, like: fx.Node) -> fx.Node:
-    """Put a node a pass added in the call of ``like``, the node it was added next to."""
-    call = call_of(like)
-    if call is not None:
-        node.meta[CALL] = call
-    return node
-
-
-def redirect(old: fx.Node, new: fx.Node, keep: Iterable[fx.Node] = ()) -> None:
-    """Make every use of ``old`` (but those by ``keep``) a use of ``new``, in the graph and in the calls' records.
-
-    ``new`` stands where ``old`` was: in every call that received ``old`` or returned it.
-    """
-    kept = set(keep)
-    old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in kept)
-    call = call_of(old)
-    if call is None:
-        return
-    root = list(call.lineage())[-1]
-    for each in root.walk():
-        each.args = map_nodes(each.args, lambda node: new if node is old else node)
-        each.kwargs = map_nodes(each.kwargs, lambda node: new if node is old else node)
-        each.output = map_nodes(each.output, lambda node: new if node is old else node)
 
 
 def nodes_in(value: Any) -> list[fx.Node]:

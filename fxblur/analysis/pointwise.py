@@ -22,8 +22,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxblur._compat import BATCH_NORM_BASE
+
 MODULES = (
-    nn.modules.batchnorm._BatchNorm,
+    BATCH_NORM_BASE,
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Identity,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,

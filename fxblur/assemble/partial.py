@@ -4,7 +4,7 @@ Detection models are the usual case: their forward loops over images, targets an
 proposals, which no symbolic trace can follow, while the backbone that does the
 downsampling is plain tensor code. ``rewrite_parts`` walks the module tree from the top.
 The code of a module that cannot be traced keeps running as it is, so first it is read
-(``fxblur.rewrite.callers``) to see how it uses each child:
+(``fxblur.assemble.callers``) to see how it uses each child:
 
 - a child it only calls as a whole is tried whole; the first traceable module on each
   path is a *part*, rewritten as ``transform`` rewrites any model (its modules stay
@@ -36,7 +36,7 @@ Example:
     >>> model = fxblur.transform(Gated(), strict=False, verbose=False)
     >>> type(model).__name__, type(model.features).__name__, type(model.features[1]).__name__
     ('Gated', 'Sequential', 'BlurredMaxPool2d')
-    >>> [change.target for change in fxblur.changes(model)], parts_of(model).rewritten
+    >>> [change.target for change in fxblur.changes(model)], fxblur.report(model).parts.rewritten
     (['features.1'], ('features',))
 """
 
@@ -48,12 +48,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from fxblur.changes import Change, changes, metadata, store
-from fxblur.rewrite.callers import Use, uses
-from fxblur.rewrite.tracer import BlurTracer, UntraceableModelError
-from fxblur.rewrite.window_ops import MODULES
-
-_PARTS_KEY = "fxblur.parts"
+from fxblur.analysis.window_ops import MODULES
+from fxblur.assemble.callers import Use, uses
+from fxblur.record import Change, changes
+from fxblur.trace import BlurTracer, UntraceableModelError
 
 Leaves = tuple[type[nn.Module] | str, ...]
 Rewrite = Callable[[nn.Module, str, Leaves, frozenset[int]], nn.Module]
@@ -81,7 +79,9 @@ class Parts:
     untraced: tuple[Untraced, ...]
 
 
-def rewrite_parts(model: nn.Module, error: UntraceableModelError, rewrite: Rewrite, leaf_modules: Leaves) -> nn.Module:
+def rewrite_parts(
+    model: nn.Module, error: UntraceableModelError, rewrite: Rewrite, leaf_modules: Leaves
+) -> tuple[list[Change], Parts]:
     """Rewrite the largest traceable submodules of ``model`` that every caller calls whole, in place.
 
     Args:
@@ -93,19 +93,12 @@ def rewrite_parts(model: nn.Module, error: UntraceableModelError, rewrite: Rewri
         leaf_modules: module classes and full module paths to leave alone.
 
     Returns:
-        ``model``, with the decisions of every part (``fxblur.changes``) and a ``Parts``
-        record (``parts_of``) stored on it.
+        The decisions of every part, their paths full paths in ``model``, and where the
+        parts are (``Parts``).
     """
     walk = _Walk(rewrite, leaf_modules)
-    walk.descend(model, "", uses(model, ["forward"]), _first_line(error))
-    store(model, walk.changes)
-    metadata(model, create=True)[_PARTS_KEY] = Parts(tuple(walk.rewritten), tuple(walk.untraced))
-    return model
-
-
-def parts_of(model: nn.Module) -> Parts | None:
-    """The ``Parts`` record of a model rewritten in parts, or ``None`` for any other module."""
-    return metadata(model).get(_PARTS_KEY)
+    walk.descend(model, "", uses(model, ["forward"]), error.summary)
+    return walk.changes, Parts(tuple(walk.rewritten), tuple(walk.untraced))
 
 
 class _Walk:
@@ -136,7 +129,7 @@ class _Walk:
         try:
             rewritten = self.rewrite(holder or module, path, leaves, frozenset(self.reached))
         except UntraceableModelError as error:
-            self.descend(module, path, uses(module, ["forward"]), _first_line(error))
+            self.descend(module, path, uses(module, ["forward"]), error.summary)
             return module
         part = rewritten if holder is None else rewritten._modules["0"]
         decisions = [in_model(change, path, holder is not None) for change in changes(rewritten)]
@@ -190,10 +183,6 @@ def _reached(use: Use) -> str:
     """What code uses of a module it reaches into: its children, its methods, or each child in turn."""
     used = [*sorted(use.reached), *(f"{method}()" for method in sorted(use.methods))]
     return ", ".join(used) if used else "each of its children"
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).split("\nHint:")[0]
 
 
 def re_rooted(leaf_modules: Iterable[type[nn.Module] | str], path: str) -> Leaves:

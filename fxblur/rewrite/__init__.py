@@ -1,1 +1,0 @@
-"""The machinery of the rewrite: tracing, the normalised op view, and putting the result together."""
