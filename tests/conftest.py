@@ -1,7 +1,23 @@
-"""Fixtures for every test; shared helpers live in support.py."""
+"""Fixtures for every test, the hypothesis profiles and the threads of each worker; shared helpers live in support.py.
+
+Hypothesis runs the ``ci`` profile by default (sized for the suite's time on two cores);
+``--hypothesis-profile thorough`` runs ten times as many examples of every property.
+Under pytest-xdist each worker runs torch on one thread, so that two workers share two
+cores without oversubscribing them.
+"""
+
+import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+settings.register_profile("ci", max_examples=40, deadline=None)
+settings.register_profile("thorough", max_examples=400, deadline=None)
+settings.load_profile("ci")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
+from hypothesis import settings
 from torch import nn
 from torchvision.models.regnet import BlockParams
 
@@ -18,6 +19,12 @@ TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].spli
 def needs_torch(version: tuple[int, int], why: str) -> pytest.MarkDecorator:
     """Skip a check that fails on the declared minimum, torch 2.4.1, for a reason of torch's own."""
     return pytest.mark.skipif(version > TORCH_VERSION, reason=f"needs torch >= {version[0]}.{version[1]}: {why}")
+
+
+def examples(count: int) -> settings:
+    """Hypothesis settings for a property: ``count`` examples under the ``ci`` profile, ten times that under
+    ``thorough`` (``python -m pytest --hypothesis-profile thorough``; ``tests/conftest.py``)."""
+    return settings(max_examples=count * settings.default.max_examples // 40, deadline=None)
 
 
 def _has_cpu_half_reflect_padding() -> bool:

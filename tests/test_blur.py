@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from blur_reference import PASCAL
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -13,7 +13,7 @@ import fxblur
 from fxblur import Blur, blur
 from fxblur.ops.ceil_mode import ceil_mode_padding, pad_for_ceil_mode
 from fxblur.ops.filters import binomial_filter
-from support import needs_cpu_half_padding
+from support import examples, needs_cpu_half_padding
 
 
 def test_binomial_filters_are_normalised_rows_of_pascals_triangle():
@@ -117,7 +117,7 @@ def test_module_accepts_unbatched_input_like_conv2d():
     assert torch.equal(Blur(stride=2)(x), Blur(stride=2)(x[None])[0])
 
 
-@settings(max_examples=300, deadline=None)
+@examples(300)
 @given(
     size=st.integers(1, 40),
     kernel=st.integers(1, 5),

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from blur_reference import reference_blur
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import fxblur
@@ -21,7 +21,7 @@ from fxblur.ops.depthwise import depthwise_blur
 from fxblur.ops.filters import binomial_kernel
 from fxblur.ops.padding import PADDING_MODES
 from fxblur.ops.separable import separable_blur
-from support import needs_cpu_half_padding
+from support import examples, needs_cpu_half_padding
 
 IMPLEMENTATIONS = {
     "separable": lambda x, stride, sizes, mode: separable_blur(x, sizes, stride, mode),
@@ -38,7 +38,7 @@ def in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.contiguous()
 
 
-@settings(max_examples=150, deadline=None)
+@examples(150)
 @given(
     implementation=st.sampled_from(sorted(IMPLEMENTATIONS)),
     layout=st.sampled_from(["nchw", "channels_last", "strided view"]),
@@ -76,7 +76,7 @@ def with_specials(x: torch.Tensor, specials: list[tuple[float, int]]) -> torch.T
     return x
 
 
-@settings(max_examples=150, deadline=None)
+@examples(150)
 @given(
     implementation=st.sampled_from(sorted(IMPLEMENTATIONS)),
     layout=st.sampled_from(["nchw", "channels_last"]),

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -20,6 +20,7 @@ from fxblur import NoEffectWarning
 from fxblur.ops import blurred
 from fxblur.ops.blurred import BlurredMaxPool2d
 from fxblur.ops.max_pool import max_pool_stride_one, separable_max_pool, stride_one_max_pool
+from support import examples
 
 
 def native(x: torch.Tensor, kernel: list[int], padding: list[int], dilation: list[int]) -> torch.Tensor:
@@ -50,7 +51,7 @@ def geometries(draw):
     return [list(axis) for axis in zip(*axes, strict=True)]
 
 
-@settings(max_examples=200, deadline=None)
+@examples(200)
 @given(geometry=geometries(), levels=st.integers(2, 100))
 def test_values_and_gradients_are_pytorchs_exactly(geometry, levels):
     sizes, kernel, padding, dilation = geometry
@@ -63,7 +64,7 @@ def test_values_and_gradients_are_pytorchs_exactly(geometry, levels):
     assert torch.equal(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(expected, x, grad)[0])
 
 
-@settings(max_examples=100, deadline=None)
+@examples(100)
 @given(geometry=geometries(), levels=st.integers(2, 100))
 def test_second_order_and_forward_mode_route_like_pytorchs(geometry, levels):
     # The backward is linear in the gradient and constant in x: its derivatives are the

@@ -13,12 +13,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 
 import fxblur
 from fxblur.ops.padding import PADDING_MODES
+from support import examples
 
 pairs = st.tuples(st.integers(1, 3), st.integers(1, 3))
 sizes = st.tuples(st.integers(1, 12), st.integers(1, 12))
@@ -71,7 +72,7 @@ def check_rewrite(model: nn.Module, x: torch.Tensor, placement: str, filter_size
         torch.testing.assert_close(identity(x), expected)
 
 
-@settings(max_examples=150, deadline=None)
+@examples(40)
 @given(
     size=sizes, kernel=pairs, stride=pairs, padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
     dilation=pairs, groups=st.sampled_from([1, 2]), bias=st.booleans(),
@@ -105,7 +106,7 @@ def test_strided_convs(size, kernel, stride, padding, dilation, groups, bias, va
         assert rewritten.stride == (stride if change.action == "blur_before" else (1, 1))
 
 
-@settings(max_examples=150, deadline=None)
+@examples(40)
 @given(
     size=sizes, kernel=pairs, stride=pairs | st.none(), padding=st.tuples(st.integers(0, 1), st.integers(0, 1)),
     dilation=pairs, ceil_mode=st.booleans(), functional=st.booleans(), placement=placements,
@@ -119,7 +120,7 @@ def test_strided_max_pools(size, kernel, stride, padding, dilation, ceil_mode, f
     check_rewrite(model, torch.randn(2, 3, *size, dtype=torch.float64), placement, filter_size, padding_mode)
 
 
-@settings(max_examples=100, deadline=None)
+@examples(30)
 @given(
     size=sizes, kernel=pairs, stride=pairs | st.none(), padding=st.tuples(st.integers(0, 1), st.integers(0, 1)),
     ceil_mode=st.booleans(), count_include_pad=st.booleans(), functional=st.booleans(), placement=placements,
@@ -134,7 +135,7 @@ def test_strided_avg_pools(size, kernel, stride, padding, ceil_mode, count_inclu
     check_rewrite(model, torch.randn(2, 3, *size, dtype=torch.float64), placement, filter_size, padding_mode)
 
 
-@settings(max_examples=100, deadline=None)
+@examples(30)
 @given(
     dims=st.sampled_from([1, 3]), kind=st.sampled_from(["conv", "max_pool", "avg_pool"]),
     size=st.integers(1, 9), kernel=st.integers(1, 3), stride=st.integers(2, 3), padding=st.integers(0, 1),

@@ -14,12 +14,13 @@ import itertools
 import pytest
 import torch
 import torch.fx
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from fxblur.ops import polyphase
 from fxblur.ops.polyphase import NORMS, phase_of, roll_to_phase, select_phase
+from support import examples
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -81,7 +82,7 @@ def grids(draw, divisible: bool = False):
     return draw(st.integers(1, 3)), draw(st.integers(1, 3)), sizes, stride
 
 
-@settings(max_examples=200, deadline=None)
+@examples(200)
 @given(
     grid=grids(),
     norm=st.sampled_from(NORMS),
@@ -112,7 +113,7 @@ def test_ops_match_the_brute_force_reference(grid, norm, dtype, levels, last, se
     assert torch.equal(select_phase(x, offsets, stride), rolled[(..., *(slice(None, None, s) for s in stride))])
 
 
-@settings(max_examples=100, deadline=None)
+@examples(100)
 @given(grid=grids(divisible=True), norm=st.sampled_from(NORMS), last=st.booleans(), data=st.data())
 def test_a_circular_shift_moves_the_phase_and_rolls_the_component(grid, norm, last, data):
     batch, channels, sizes, stride = grid

@@ -2,11 +2,14 @@
 
 Models are built on the meta device: transform and forward run on shapes alone, so the
 whole zoo takes a couple of minutes. Every norm and activation module must produce the
-shape it produced in the original, at an even and an odd input size.
+shape it produced in the original, at an even and an odd input size. Each model and its
+original shapes are built once for all placements (its tests share an xdist group, so they
+run in one worker).
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import Counter
 
@@ -33,10 +36,20 @@ PLACEMENTS = {
 NO_CIRCULAR_PADDING = set(tvm.list_models(module=tvm.segmentation))
 
 
-@pytest.mark.parametrize("name", IMAGE_ZOO + VIDEO_ZOO)
+@functools.cache
+def original(name: str) -> tuple[torch.nn.Module, dict[tuple[int, ...], dict]]:
+    """The meta model and its per-layer output shapes at each input size, built once per worker."""
+    model = meta_model(name)
+    return model, {size: layer_shapes(model, torch.empty(size, device="meta")) for size in input_sizes(name)}
+
+
+MODELS = [pytest.param(name, marks=pytest.mark.xdist_group(name)) for name in IMAGE_ZOO + VIDEO_ZOO]
+
+
+@pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_every_feature_map_keeps_its_shape(name, placement):
-    model = meta_model(name)
+    model, original_shapes = original(name)
     options = dict(PLACEMENTS[placement])
     if name in NO_CIRCULAR_PADDING:
         options.pop("circular_padding", None)
@@ -48,9 +61,8 @@ def test_every_feature_map_keeps_its_shape(name, placement):
     if placement == "blur_first":
         assert {c.action for c in blurred} <= {"blur_before", "subsample_before"}
     enlarged = enlarged_calls(gm)
-    for size in input_sizes(name):
-        x = torch.empty(size, device="meta")
-        expected, got = layer_shapes(model, x), layer_shapes(gm, x)
+    for size, expected in original_shapes.items():
+        got = layer_shapes(gm, torch.empty(size, device="meta"))
         assert expected, "the hooks must observe some layers"
         assert got.keys() == expected.keys()
         for path, shapes in expected.items():

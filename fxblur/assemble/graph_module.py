@@ -157,12 +157,23 @@ def graph_module_over(module: nn.Module, graphs: dict[bool, fx.Graph], keep_clas
     return gm
 
 
+class WorkingGraphModule(fx.GraphModule):
+    """The GraphModule the passes of ``transform`` rewrite: a graph over the model's own tree, never run.
+
+    Its graph is carried into the result (``fxblur.assemble.nesting``), so its own code is
+    never generated: ``recompile`` does nothing (PassManager calls it after every pass).
+    """
+
+    def recompile(self) -> None:
+        return None
+
+
 def working_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """A GraphModule for the passes: ``graph`` over ``root``'s own module tree (changes go to ``root``)."""
     for node in graph.nodes:
         if node.op == "get_attr":
             register_tensor(root, node.target)
-    gm = fx.GraphModule(root, graph)
+    gm = WorkingGraphModule(root, graph)
     for name in _TREE:
         gm.__dict__[name] = root.__dict__[name]
     return gm
