@@ -27,7 +27,6 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TextIO
 
 import torch
@@ -36,7 +35,6 @@ from tabulate import tabulate
 from torch import nn
 from torch.utils.data import TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fxblur
 from fxblur.evaluation.consistency import shift_metrics
 from fxblur.evaluation.progress import ProgressBar

@@ -4,7 +4,9 @@ A model spec is one of:
 
 - a torchvision model name: ``resnet50``, ``deeplabv3_resnet50``, ``r3d_18``, ...
 - ``timm:NAME`` for a timm model, when timm is installed;
-- ``package.module:factory`` for your own model: the factory is called with no arguments.
+- ``package.module:factory`` for your own model: the factory is called with no arguments;
+  the module is imported from the current directory as well as from the installed packages
+  (every tool reads it so, wherever the tool itself lives).
 
 Models are built with random weights. Torchvision and timm models are built on the
 ``meta`` device when they allow it (fast, and enough for shapes and costs), else on CPU.
@@ -21,6 +23,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -109,6 +113,8 @@ def _timm_factory(name: str) -> Callable[[], nn.Module]:
 
 def _user_factory(spec: str) -> Callable[[], nn.Module]:
     module_name, _, attribute = spec.partition(":")
+    if os.getcwd() not in sys.path:  # ``python tools/x.py`` puts tools/ there, ``python -m`` the current directory
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:

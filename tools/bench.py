@@ -38,7 +38,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +45,6 @@ import torchvision
 from tabulate import tabulate
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fxblur
 from fxblur.models import build
 from fxblur.ops.depthwise import depthwise_blur

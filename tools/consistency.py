@@ -54,7 +54,6 @@ from tabulate import tabulate
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fxblur
 from fxblur.evaluation.checkpoints import load_checkpoint
 from fxblur.evaluation.consistency import SHIFTS, consistency_by_shift, shift_metrics

@@ -25,13 +25,11 @@ import json
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from tabulate import tabulate
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fxblur
 from fxblur.models import build
 

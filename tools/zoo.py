@@ -77,7 +77,6 @@ from tabulate import tabulate
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fxblur
 from fxblur.models import build, suggestions, timm_available, torchvision_names
 from fxblur.record import flat_graph_module
