@@ -23,11 +23,18 @@ The ops are split so that a graph rewrite can place them on either side of a str
 
 ``phase_of`` first reduces the channels to what every position adds to the norm (its square,
 absolute value or largest absolute value): a shifted input gives every position the same
-bits there. From that map, C times smaller, each component gathers its positions
-(wrapping around at odd sizes: no padded copy of the input) and sums them in float64, so
-that the order a shift brings changes a component's norm by float64 rounding only: two
-components must agree to about 1e-13 before float rounding can change which one a shifted
-input picks (float32 sums flip such near-ties now and then).
+bits there. That map, C times smaller, is scaled by its largest value and rounded to
+integers of 40 bits, and each component gathers its positions (wrapping around at
+odd sizes: no padded copy of the input). Its norm is then an integer sum, which does not
+depend on the order of its terms: a shifted input, whose components hold the same values
+in another order, gives every component exactly the norm its shifted twin had, and the
+choice follows the shift even where two components' norms agree to the last bit of a
+float sum. Where norms tie exactly (the components of a flat shape, of a saturated region,
+of an image resized up), the choice falls to statistics of each component that a roll of
+it does not change but a mirror image does (``_component_keys``), and only where those tie
+too (components that are one and the same up to a roll, which any choice serves alike) to
+the first in row-major order. For the choice to follow the shift the map must itself
+commute bitwise with shifts, as circular blurs and convolutions do.
 
 ``roll_to_phase`` and ``select_phase`` are one gather each: per sample, the flat spatial
 index that every output sample reads, computed from the offsets with integer arithmetic and
@@ -38,9 +45,7 @@ order), forward-mode AD, ``vmap``, ``torch.compile``, ``torch.export`` and Torch
 through all three.
 
 The norms are ``"l2"`` (the paper's; compared as sums of squares, which order the components
-as the norms do), ``"l1"`` and ``"linf"``, over channels and space. Ties go to the first component in row-major order
-of the offsets. Sums are exact where every partial sum is (integer-valued inputs of moderate
-size), so ties there are exact ties.
+as the norms do), ``"l1"`` and ``"linf"``, over channels and space.
 
 Example:
     >>> x = torch.zeros(1, 1, 4, 4)
@@ -80,7 +85,8 @@ def phase_of(x: Tensor, stride: list[int], norm: str = "l2") -> Tensor:
 
     ``stride`` applies to the last ``len(stride)`` axes of ``x`` (N, C, *spatial), 1 to 3 of
     them; axes with stride 1 get offset 0. ``norm`` is ``"l2"``, ``"l1"`` or ``"linf"``, over
-    channels and space. Ties go to the first component in row-major order of the offsets.
+    channels and space. Exact ties are broken by statistics that follow a shift (module
+    docstring); the first component in row-major order of the offsets wins the rest.
 
     Example:
         >>> x = torch.tensor([[[1.0, 0.0, 3.0, 0.0, 0.0]], [[0.0, 0.0, 0.0, 2.0, 0.0]]])
@@ -90,7 +96,7 @@ def phase_of(x: Tensor, stride: list[int], norm: str = "l2") -> Tensor:
     """
     _check_norm(norm)
     _check_stride(x, stride)
-    first_largest = _component_norms(x.detach(), stride, norm).argmax(1)  # the first of equal maxima
+    first_largest = _first_largest(_component_keys(x.detach(), stride, norm))
     offsets: list[Tensor] = []
     later = 1
     for i in range(len(stride) - 1, -1, -1):  # unravel the row-major index, last axis first
@@ -164,29 +170,53 @@ def select_phase(x: Tensor, phase: Tensor, stride: list[int]) -> Tensor:
 torch.fx.wrap("select_phase")
 
 
-def _component_norms(x: Tensor, stride: list[int], norm: str) -> Tensor:
-    """Every component's norm (for ``"l2"``, its square: they order alike): (N, prod(stride)), float64.
+def _component_keys(x: Tensor, stride: list[int], norm: str) -> Tensor:
+    """What decides between the components: int64 (N, prod(stride), keys), compared in order of the keys.
 
-    Components come in row-major order of their offsets. The channels are reduced per position
-    first, in the input's order, so that a shifted input gives every position the same bits;
-    each component then gathers its positions (wrapping around at odd sizes) and sums them in
-    float64, so that the order a shift brings changes its norm by float64 rounding only: two
-    components must be equal to about 1e-13 for a shift to change which one is largest. The
+    Components come in row-major order of their offsets. The contributions of the positions
+    (``_contributions``) are scaled by each sample's largest one and rounded to integers of
+    40 bits (a component of up to 2**22 positions sums without overflow); then, per
+    component: its norm (the sum; for ``"linf"`` the largest value, then the sum), and for
+    each spatial axis the sum over its positions of ``q[i] * q[i + 1] ** 2``, with ``q`` the
+    values coarsened to 10 bits and ``i + 1`` the next position along that axis, wrapping
+    around the component. A roll of the component leaves every key as it was; a mirror image
+    of it changes the last ones. Integer sums do not depend on the order of their terms. The
     gathers depend on no size, so ``torch.export`` keeps sizes dynamic.
     """
-    contributions = _contributions(x, norm)  # (N, *spatial), C times smaller than x
-    components = [contributions]
+    contributions = _contributions(x, norm).double()  # (N, *spatial), C times smaller than x
+    dims = len(stride)
+    top = contributions.flatten(1).amax(1).clamp_min(2.2250738585072014e-308)  # a map of zeros stays zeros
+    scaled = contributions / top.view([-1] + [1] * dims)
+    quantised = torch.round(scaled * 1099511627776.0).long()  # 2**40 (TorchScript takes no global constants)
+    components = [quantised]
     for i, s in enumerate(stride):
-        size = contributions.shape[1 + i]
+        size = quantised.shape[1 + i]
         first = torch.arange((size + s - 1) // s, device=x.device) * s
         split: list[Tensor] = []
         for each in components:
             split += [each.index_select(1 + i, (first + p) % size) for p in range(s)]
         components = split
-    spatial = [1 + i for i in range(len(stride))]
+    spatial = [1 + i for i in range(dims)]
+    keys: list[Tensor] = []
     if norm == "linf":
-        return torch.stack([each.amax(spatial).double() for each in components], 1)
-    return torch.stack([each.sum(spatial, dtype=torch.float64) for each in components], 1)
+        keys.append(torch.stack([each.amax(spatial) for each in components], 1))
+    keys.append(torch.stack([each.sum(spatial) for each in components], 1))
+    for axis in spatial:
+        lags: list[Tensor] = []
+        for each in components:
+            coarse = torch.div(each, 1073741824, rounding_mode="floor")  # 2**30: 10 bits are left
+            lags.append((coarse * torch.roll(coarse, -1, axis).square()).sum(spatial))
+        keys.append(torch.stack(lags, 1))
+    return torch.stack(keys, 2)
+
+
+def _first_largest(keys: Tensor) -> Tensor:
+    """Per sample, the first component whose keys are the largest, compared key by key: int64 (N,)."""
+    best = torch.ones(keys.shape[:2], dtype=torch.bool, device=keys.device)
+    for k in range(keys.shape[2]):
+        key = keys[:, :, k].masked_fill(~best, -1)  # every key is a sum or a maximum of integers >= 0
+        best = best & (key == key.amax(1, keepdim=True))
+    return best.to(torch.int64).argmax(1)  # the first of the components left
 
 
 def _contributions(x: Tensor, norm: str) -> Tensor:
