@@ -11,6 +11,7 @@ from fxblur.ops.max_pool import max_pool_stride_one, stride_one_max_pool
 from fxblur.passes.context import RewriteContext
 from fxblur.passes.edit import insert_before, mark_strided_as, replace_uses
 from fxblur.passes.window_pass import WindowOpPass
+from fxblur.trace.cloning import share_tensors
 
 
 class BlurMaxPools(WindowOpPass):
@@ -56,5 +57,5 @@ class BlurMaxPools(WindowOpPass):
         elif op.custom_forward:  # a subclass pads in its own forward (timm's MaxPool2dSame): keep it, at stride 1
             added = (*added, *super().run_at_stride_one(gm, op, context))
         else:
-            context.replace(op.target, op.module, lambda: stride_one_max_pool(op.module))
+            context.replace(op.target, op.module, lambda: stride_one_max_pool(share_tensors(op.module)))
         return added

@@ -5,6 +5,8 @@ FSDP2 on two processes is in tests/test_distributed.py.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -131,6 +133,24 @@ def test_hooks_of_the_original_are_carried_and_never_run_while_tracing():
         torch.testing.assert_close(seen[0], seen[2])  # the block's input, through the root's pre-hook
         torch.testing.assert_close(seen[1], seen[3])  # layer3's output
         seen.clear()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"blur_first": False}, {"polyphase": True, "blur_first": False}, {"polyphase": True, "circular_padding": True}],
+)
+def test_hooks_of_replaced_op_modules_still_fire(options):
+    # a max pool run at stride 1 and a conv padding circularly are replaced by modules of fxblur's classes
+    model = torchvision.models.resnet18().eval()
+    seen: list[str] = []
+    model.maxpool.register_forward_hook(lambda m, args, out: seen.append("maxpool"))
+    model.conv1.register_forward_pre_hook(lambda m, args: seen.append("conv1"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HookWarning)
+        gm = fxblur.transform(model, verbose=False, **options)
+    assert type(gm.maxpool) is not nn.MaxPool2d or type(gm.conv1) is not nn.Conv2d  # something was replaced
+    gm(torch.randn(1, 3, 64, 64))
+    assert seen == ["conv1", "maxpool"]
 
 
 def test_hooks_registered_on_the_result_fire():

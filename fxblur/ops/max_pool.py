@@ -74,8 +74,9 @@ def _native(x: Tensor, kernel_size: list[int], padding: list[int], dilation: lis
 
 
 def stride_one_max_pool(pool: nn.MaxPool1d | nn.MaxPool2d | nn.MaxPool3d) -> nn.Module:
-    """A copy of ``pool`` at stride 1, on the fast path: a ``StrideOneMaxPool{1,2,3}d``.
+    """``pool`` at stride 1 on the fast path, in place: a ``StrideOneMaxPool{1,2,3}d``.
 
+    Pass a copy: the module changes class, and keeps everything else (its hooks included).
     It is still an ``nn.MaxPool{1,2,3}d`` (with ``stride=1``, ``ceil_mode=False``), and like
     any max pool holds no parameters or buffers.
 
@@ -84,8 +85,9 @@ def stride_one_max_pool(pool: nn.MaxPool1d | nn.MaxPool2d | nn.MaxPool3d) -> nn.
         StrideOneMaxPool2d(kernel_size=3, stride=(1, 1), padding=1, dilation=1, ceil_mode=False)
     """
     dims = next(d for d, cls in enumerate((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), start=1) if isinstance(pool, cls))
-    stride_one = (StrideOneMaxPool1d, StrideOneMaxPool2d, StrideOneMaxPool3d)[dims - 1]
-    return stride_one(pool.kernel_size, (1,) * dims, pool.padding, pool.dilation)
+    pool.__class__ = (StrideOneMaxPool1d, StrideOneMaxPool2d, StrideOneMaxPool3d)[dims - 1]
+    pool.stride, pool.ceil_mode = (1,) * dims, False
+    return pool
 
 
 def _through_fast_path(pool: nn.Module, x: Tensor, dims: int) -> Tensor:
