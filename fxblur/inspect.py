@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from fxblur.analysis.equivariance import example_shape
 from fxblur.models import ModelSpecError, build, timm_available, torchvision_names
 from fxblur.ops.padding import PADDING_MODES
 from fxblur.options import NORMS, PRESETS, BlurOptions
@@ -121,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(error, UntraceableModelError):
             return _fail(str(error))
         p.error(str(error))
-    shape = input_shape(model, args.input_size, args.frames)
+    shape = example_shape(model, args.input_size, args.frames)
     try:
         the_report = report(gm, shape)
     except Exception as error:  # the model itself cannot run on such an input (too small, wrong channels)
@@ -134,15 +135,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(the_report.render(args.format) + ("" if code is None else f"\n\n{code}"))
     return 0
-
-
-def input_shape(model: nn.Module, size: Sequence[int], frames: int) -> tuple[int, ...]:
-    """A one-sample input for ``model``: its first conv tells the channels and spatial axes."""
-    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed), None)
-    channels, dims = (3, 2) if first is None else (first.in_channels, len(first.kernel_size))
-    height, width = (size[0], size[-1])
-    spatial = {1: (height,), 2: (height, width), 3: (frames, height, width)}[dims]
-    return (1, channels, *spatial)
 
 
 def _code(model: nn.Module, gm: nn.Module, style: str, leaf_modules: list[str]) -> str:

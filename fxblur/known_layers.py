@@ -38,6 +38,9 @@ TRUSTED_FORWARDS = {
     "timm.layers.std_conv.ScaledStdConv2dSame",
     "timm.layers.pool2d_same.MaxPool2dSame",
     "timm.layers.pool2d_same.AvgPool2dSame",
+    "fxblur.ops.circular.CircularConv1d",
+    "fxblur.ops.circular.CircularConv2d",
+    "fxblur.ops.circular.CircularConv3d",
 }
 
 ANTI_ALIASING = {
@@ -49,6 +52,17 @@ ANTI_ALIASING = {
     "composer.algorithms.blurpool.blurpool_layers.BlurPool2d": "Composer BlurPool2d",
     "composer.algorithms.blurpool.blurpool_layers.BlurMaxPool2d": "Composer BlurMaxPool2d",
     "composer.algorithms.blurpool.blurpool_layers.BlurConv2d": "Composer BlurConv2d",
+}
+
+# Conv subclasses with a forward of their own that pad as ``padding`` and ``padding_mode`` say,
+# circular padding included (what the equivariance analysis needs to trust their borders).
+PADS_AS_CONFIGURED: set[str] = {
+    "fxblur.ops.circular.CircularConv1d",
+    "fxblur.ops.circular.CircularConv2d",
+    "fxblur.ops.circular.CircularConv3d",
+    "fxblur.ops.max_pool.StrideOneMaxPool1d",
+    "fxblur.ops.max_pool.StrideOneMaxPool2d",
+    "fxblur.ops.max_pool.StrideOneMaxPool3d",
 }
 
 _trusted: set[type] = set()
@@ -69,6 +83,11 @@ def trust_forward(cls: type[nn.Module]) -> None:
 def trusts_forward(cls: type) -> bool:
     """Whether fxblur may run ``cls`` at stride 1 although it overrides ``forward``."""
     return cls in _trusted or _name(cls) in TRUSTED_FORWARDS
+
+
+def pads_as_configured(cls: type) -> bool:
+    """Whether ``cls``'s own ``forward`` pads as its ``padding`` and ``padding_mode`` say (``PADS_AS_CONFIGURED``)."""
+    return _name(cls) in PADS_AS_CONFIGURED
 
 
 def anti_aliasing(module: nn.Module) -> str | None:

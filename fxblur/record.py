@@ -6,8 +6,8 @@ holds the options used (``record.options`` and ``record.tracing``: a checkpointe
 be reproduced with ``fxblur.transform(model, **record.transform_arguments())``), one
 ``Change`` per strided op considered, the phase groups of polyphase sampling, where the
 rewrite went in the module tree (``nesting``), the parts of a model rewritten in parts,
-the ``forward`` arguments fixed to their defaults, what keeps it from exact shift
-invariance, and the flat
+the ``forward`` arguments fixed to their defaults, the equivariance analysis's verdict
+(``fxblur.analysis.equivariance``), and the flat
 rewritten graph of each mode (which the decisions' node names refer to).
 
 While a rewrite runs, passes log each decision on the graph module they rewrite as they
@@ -35,6 +35,7 @@ import torch.fx as fx
 from torch import nn
 
 if TYPE_CHECKING:
+    from fxblur.analysis.equivariance import Verdict
     from fxblur.assemble.nesting import Nesting
     from fxblur.assemble.partial import Parts
     from fxblur.options import BlurOptions
@@ -152,30 +153,6 @@ class PhaseGroupRecord:
     problem: str = ""
 
 
-class ObstacleKind(str, enum.Enum):
-    """What keeps a polyphase or circularly padded rewrite from exact shift invariance."""
-
-    FIXED_PHASE = "fixed_phase"  # an op subsampling at a fixed phase
-    PHASE_NOT_SHARED = "phase_not_shared"  # a group whose ops choose their phases apart
-    NOT_CIRCULAR = "not_circular"  # padding left zero or reflecting
-    LOCAL_HEAD = "local_head"  # a pool that does not reduce to one value per channel
-    CROPS = "crops"  # an op whose output misses its input's border
-    PADDING_NOT_NUMERIC = "padding_not_numeric"  # 'same'/'valid' padding a conv computes itself
-    CALLED_OUTSIDE = "called_outside"  # a module code outside the graph also calls
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass(frozen=True)
-class Obstacle:
-    """One thing that keeps the rewrite from exact shift invariance: where, what kind, and why."""
-
-    target: str
-    kind: ObstacleKind
-    reason: str
-
-
 @dataclass(frozen=True)
 class RewriteRecord:
     """Everything one ``transform`` call asked for and decided (see the module docstring).
@@ -192,8 +169,8 @@ class RewriteRecord:
             (``None`` for a flat result, and for a model rewritten in parts).
         parts: for a model rewritten in parts, which parts and which modules could not be traced.
         specialised: the ``forward`` arguments fixed to their defaults, as (name, value) pairs.
-        obstacles: with polyphase sampling or circular padding, what keeps the rewrite from
-            exact shift invariance (``None`` when neither was asked).
+        example_shape: the input shape the rewrite's claims are proved at by default (224 px
+            for images; ``fxblur.analysis.equivariance.example_shape``).
         flat_graphs: the flat rewritten graph of each mode, train then eval, over the
             result's modules (the same object twice when the modes share one).
     """
@@ -206,8 +183,29 @@ class RewriteRecord:
     nesting: Nesting | None = None
     parts: Parts | None = None
     specialised: tuple[tuple[str, Any], ...] = ()
-    obstacles: tuple[Obstacle, ...] | None = None
+    example_shape: tuple[int, ...] | None = None
     flat_graphs: tuple[fx.GraphModule, ...] | None = dataclasses.field(default=None, compare=False, repr=False)
+    _verdicts: dict[tuple[int, ...], Verdict] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def verdict(self) -> Verdict | None:
+        """With polyphase sampling or circular padding, what the equivariance analysis proves at ``example_shape``.
+
+        ``None`` when neither was asked (nothing is claimed), or for a model rewritten in parts.
+        """
+        if not (self.options.polyphase or self.options.circular_padding) or self.example_shape is None:
+            return None
+        return self.verdict_at(self.example_shape)
+
+    def verdict_at(self, shape: tuple[int, ...]) -> Verdict:
+        """What the equivariance analysis proves of the eval-mode graph at input ``shape`` (computed once per shape)."""
+        from fxblur.analysis.equivariance import analyse, example_for  # the analysis reads records' types
+
+        shape = tuple(shape)
+        if shape not in self._verdicts:
+            graph = self.flat_graph(False)
+            self._verdicts[shape] = analyse(graph, example_for(graph, shape))
+        return self._verdicts[shape]
 
     def flat_graph(self, training: bool) -> fx.GraphModule | None:
         """The flat rewritten graph of a mode (``None`` for a model rewritten in parts)."""
@@ -278,15 +276,10 @@ def log_phase_group(gm: fx.GraphModule, group: PhaseGroupRecord) -> None:
     _log(gm)["phase_groups"].append(group)
 
 
-def log_obstacle(gm: fx.GraphModule, obstacle: Obstacle) -> None:
-    """For passes: log something that keeps the rewrite from exact shift invariance."""
-    _log(gm)["obstacles"].append(obstacle)
-
-
 def logged(gm: fx.GraphModule, kind: str) -> list:
-    """What passes logged on ``gm``: ``"decisions"``, ``"phase_groups"`` or ``"obstacles"``."""
+    """What passes logged on ``gm``: ``"decisions"`` or ``"phase_groups"``."""
     return list(_log(gm)[kind])
 
 
 def _log(gm: fx.GraphModule) -> dict[str, list]:
-    return gm.meta.setdefault(_LOG_KEY, {"decisions": [], "phase_groups": [], "obstacles": []})
+    return gm.meta.setdefault(_LOG_KEY, {"decisions": [], "phase_groups": []})

@@ -41,10 +41,11 @@ import torch.fx as fx
 from tabulate import tabulate, tabulate_formats
 from torch import nn
 
+from fxblur.analysis.equivariance import Verdict, example_for
 from fxblur.assemble.nesting import Nesting
 from fxblur.assemble.partial import Parts
 from fxblur.costs import blurred_op_extra, node_bytes, node_macs, output_of, propagate_shapes
-from fxblur.record import Action, Change, Obstacle, require_record
+from fxblur.record import Action, Change, require_record
 
 FORMATS = (*tabulate_formats, "json")
 
@@ -79,8 +80,9 @@ class Report:
     longer fire); it is ``None`` for a flat result (``transform(flatten=True)``).
     ``specialised``: the ``forward`` arguments the trace fixed to their defaults (the result
     accepts no other value for them; ``fxblur.trace.signature.default_arguments``).
-    ``obstacles``: with polyphase sampling or circular padding, what keeps the model from exact
-    shift invariance (``fxblur.record.Obstacle``); ``None`` when neither was asked.
+    ``verdict``: with polyphase sampling or circular padding, what the equivariance analysis
+    proved (``fxblur.analysis.equivariance.Verdict``) at ``input_shape``, or at the example
+    input ``transform`` analysed; ``None`` when neither was asked.
     """
 
     model: str
@@ -90,7 +92,7 @@ class Report:
     macs_after: int | None = None
     parts: Parts | None = None
     nesting: Nesting | None = None
-    obstacles: tuple[Obstacle, ...] | None = None
+    verdict: Verdict | None = None
     specialised: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -119,8 +121,8 @@ class Report:
         elif not self.blurred:
             reasons = sorted({row.reason for row in self.rows})
             lines[0] += f" - nothing blurred ({'; '.join(reasons)})"
-        if self.obstacles is not None:
-            lines.append(_invariance(self.obstacles))
+        if self.verdict is not None:
+            lines.append(f"shift {self.verdict.property_name}: {self.verdict.line()}")
         if self.specialised:
             fixed = ", ".join(f"{name}={value!r}" for name, value in self.specialised.items())
             lines.append(f"forward arguments fixed to their defaults: {fixed}")
@@ -181,7 +183,7 @@ class Report:
                 "records": self.records(),
                 "parts": None if self.parts is None else asdict(self.parts),
                 "nesting": None if self.nesting is None else asdict(self.nesting),
-                "obstacles": self.obstacles,
+                "verdict": None if self.verdict is None else asdict(self.verdict),
                 "specialised": self.specialised,
             },
             indent=2,
@@ -220,12 +222,14 @@ def report(gm: nn.Module, input_shape: Sequence[int] | torch.Tensor | None = Non
             f"{model} was rewritten in parts ({', '.join(parts.rewritten) or 'none'}): sizes and costs need "
             "one graph; pass each part with its own input shape, e.g. report(model.<part>, input_shape)"
         )
-    nesting, obstacles, specialised = record.nesting, record.obstacles, dict(record.specialised)
+    nesting, verdict, specialised = record.nesting, record.verdict, dict(record.specialised)
     if input_shape is None:
         rows = tuple(_row(change) for change in decisions)
-        return Report(model, rows, parts=parts, nesting=nesting, obstacles=obstacles, specialised=specialised)
+        return Report(model, rows, parts=parts, nesting=nesting, verdict=verdict, specialised=specialised)
     flat = record.flat_graph(gm.training)
-    example = input_shape if isinstance(input_shape, torch.Tensor) else _example(gm, tuple(input_shape))
+    example = input_shape if isinstance(input_shape, torch.Tensor) else example_for(gm, input_shape)
+    if verdict is not None:  # proved anew at this shape
+        verdict = record.verdict_at(tuple(example.shape))
     propagate_shapes(flat, example)
     nodes = {node.name: node for node in flat.graph.nodes}
     rows = tuple(_row(change, nodes, flat) for change in decisions)
@@ -238,7 +242,7 @@ def report(gm: nn.Module, input_shape: Sequence[int] | torch.Tensor | None = Non
         macs_before,
         macs_after,
         nesting=nesting,
-        obstacles=obstacles,
+        verdict=verdict,
         specialised=specialised,
     )
 
@@ -282,25 +286,10 @@ def _row(change: Change, nodes: dict[str, fx.Node] | None = None, gm: fx.GraphMo
     )
 
 
-def _invariance(obstacles: tuple[Obstacle, ...]) -> str:
-    if not obstacles:
-        return "shift invariance: exact for circular shifts of inputs whose size every stride divides"
-    found = "; ".join(f"{obstacle.target}: {obstacle.reason}" for obstacle in obstacles)
-    return f"shift invariance: not exact ({found})"
-
-
 def _action(row: Row) -> str:
     if row.action is Action.SKIPPED:
         return f"skipped: {row.reason}"
     return f"{row.action} ({row.note})" if row.note else str(row.action)
-
-
-def _example(gm: fx.GraphModule, shape: tuple[int, ...]) -> torch.Tensor:
-    """An input of ``shape`` on the device and in the dtype of the model's parameters."""
-    reference = next(gm.parameters(), None)
-    if reference is None:
-        return torch.empty(shape, device="meta")
-    return torch.empty(shape, dtype=reference.dtype, device="meta" if reference.is_meta else reference.device)
 
 
 def _size(values: Sequence[int] | None) -> str:

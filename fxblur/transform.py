@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxblur._compat import run_passes
-from fxblur.analysis.obstacles import obstacles
+from fxblur.analysis.equivariance import example_shape
 from fxblur.arguments import check_not_wrapped, check_tracing_options, options_that_match_nothing
 from fxblur.assemble.changed import changed_calls, snapshot
 from fxblur.assemble.graph_module import assemble, graph_module_over, working_module
@@ -43,7 +43,7 @@ from fxblur.passes import (
     RecordAntiAliasing,
     RewriteContext,
 )
-from fxblur.record import Change, Obstacle, RewriteRecord, logged, record_of, store_record
+from fxblur.record import Change, RewriteRecord, logged, record_of, store_record
 from fxblur.report import report
 from fxblur.trace import Traced, UntraceableModelError, trace
 from fxblur.trace.calls import SITE, forget_calls, name_sites
@@ -258,10 +258,6 @@ class _Rewrite:
         decisions = _decisions(list(working.values())) + inside
         decisions += [change for change in skipped_inside(root, leaves) if change.target not in done]
         groups = tuple(group for gm in working.values() for group in logged(gm, "phase_groups"))
-        found = None
-        if options.polyphase or options.circular_padding:
-            circular = [obstacle for gm in working.values() for obstacle in logged(gm, "obstacles")]
-            found = _unique([*obstacles(options, decisions, groups, working.values()), *circular])
         nesting = None
         if self.flatten:
             warn_about_hooks(call for traced in unique for call in traced.root.walk())
@@ -285,7 +281,7 @@ class _Rewrite:
             phase_groups=groups,
             nesting=nesting,
             specialised=tuple(traces[root.training].specialised.items()),
-            obstacles=None if found is None else tuple(found),
+            example_shape=example_shape(result),
             flat_graphs=(carriers[id(traces[True])], carriers[id(traces[False])]),
         )
         store_record(result, record)
@@ -327,14 +323,6 @@ def _decisions(graph_modules: list[fx.GraphModule]) -> list[Change]:
             decisions.setdefault(nodes[change.node].meta.get(SITE, change.node), change)
     order = {node.name: i for i, node in enumerate(graph_modules[0].graph.nodes)}
     return sorted(decisions.values(), key=lambda change: order.get(change.node, len(order)))
-
-
-def _unique(found: list[Obstacle]) -> list[Obstacle]:
-    """``found`` without repeats of a kind of obstacle at one target."""
-    seen: dict[tuple, Obstacle] = {}
-    for obstacle in found:
-        seen.setdefault((obstacle.target, obstacle.kind), obstacle)
-    return list(seen.values())
 
 
 def _trace_each_mode(

@@ -5,8 +5,10 @@ interior, so a network that pads so is not exactly equivariant to circular shift
 polyphase sampling then makes it invariant only away from the borders. With
 ``circular_padding=True``, after the blur or polyphase passes, this pass makes
 
-- every conv module pad circularly (``padding_mode="circular"``: its own ``forward`` pads),
-  and a functional conv read a circularly padded input at ``padding=0``;
+- every conv module pad circularly (``padding_mode="circular"``: its own ``forward`` pads;
+  torch.nn's own conv classes become ``fxblur.ops.circular`` ones, which wrap around as
+  often as a dilated conv on a small map needs), and a functional conv read a circularly
+  padded input at ``padding=0``;
 - every pool with padding, or with ``ceil_mode`` windows that reach past its input, read an
   input padded circularly to the same extent (``fxblur.ops.ceil_mode.pad_window_circularly``)
   at ``padding=0``, so that its output keeps its size; a pool run at stride 1 whose
@@ -14,16 +16,16 @@ polyphase sampling then makes it invariant only away from the borders. With
 
 (blurs pad circularly through ``padding_mode``). A conv that crops (``padding=0`` with a
 kernel above 1, or ``"valid"``) is left as it is, and so is a module that code outside the
-graph also calls: the pass logs each as an obstacle (``fxblur.record.Obstacle``), since
-they stop a model from being exactly equivariant.
+graph also calls; the equivariance analysis (``fxblur.analysis.equivariance``) then names
+each where it stops a model from being exactly equivariant.
 
 Example:
     >>> from torch.fx.passes.infra.pass_manager import PassManager
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.MaxPool2d(3, 1, 1))
     >>> gm = fx.symbolic_trace(net)
     >>> _ = PassManager([CircularPadding()])(gm)
-    >>> gm.get_submodule("0").padding_mode, gm.get_submodule("1").padding
-    ('circular', 0)
+    >>> type(gm.get_submodule("0")).__name__, gm.get_submodule("0").padding_mode, gm.get_submodule("1").padding
+    ('CircularConv2d', 'circular', 0)
     >>> x = torch.randn(1, 4, 6, 6)
     >>> torch.allclose(gm(torch.roll(x, 2, 3)), torch.roll(gm(x), 2, 3), atol=1e-6)
     True
@@ -36,9 +38,10 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxblur.analysis.window_ops import WindowOp, read_window_op, set_call_argument
 from fxblur.ops.ceil_mode import pad_for_ceil_mode, pad_window_circularly
+from fxblur.ops.circular import CIRCULAR_CLASSES, circular_conv
 from fxblur.passes.context import RewriteContext
 from fxblur.passes.edit import insert_before, replace_uses, strided_as
-from fxblur.record import Obstacle, ObstacleKind, log_obstacle
+from fxblur.trace.cloning import share_tensors
 
 
 class CircularPadding(PassBase):
@@ -60,15 +63,15 @@ class CircularPadding(PassBase):
             was = strided_as(node)
             if op is None or not (was or _pads(op)):
                 continue
-            obstacle = _why_not(op, context.frozen, was)
-            if obstacle is not None:
-                log_obstacle(graph_module, obstacle)
+            if _left_as_it_is(op, context.frozen, was):
                 continue
             if was and _is_ceil_mode_padding(op.input):  # wrap around instead of -inf samples
                 ceil_padding = op.input
                 replace_uses(ceil_padding, ceil_padding.args[0], only=[op.node])
                 graph_module.graph.erase_node(ceil_padding)
-            if op.kind == "conv" and op.module is not None and _same(op):
+            if op.kind == "conv" and op.module is not None and _same(op) and type(op.module) in CIRCULAR_CLASSES:
+                context.replace(op.target, op.module, lambda op=op: circular_conv(share_tensors(op.module)))
+            elif op.kind == "conv" and op.module is not None and _same(op):  # blurred or of another library
                 context.configure(op.module, padding_mode="circular")
             else:
                 self._pad_before(op, was, context)
@@ -98,17 +101,10 @@ def _pads(op: WindowOp) -> bool:
     return op.ceil_mode or op.padding == "same" or _crops(op) or (not isinstance(op.padding, str) and any(op.padding))
 
 
-def _why_not(op: WindowOp, frozen: frozenset[int], was: tuple | None) -> Obstacle | None:
-    """Why ``op`` cannot pad circularly, or ``None``."""
-    if not was and _crops(op):
-        why = f"crops its input (kernel {op.kernel_size}, stride {op.stride}, padding {op.padding})"
-        return Obstacle(op.target, ObstacleKind.CROPS, why)
-    if isinstance(op.padding, str):
-        why = f"pads {op.padding!r}: give it numbers for circular padding"
-        return Obstacle(op.target, ObstacleKind.PADDING_NOT_NUMERIC, why)
-    if op.module is not None and id(op.module) in frozen:
-        return Obstacle(op.target, ObstacleKind.CALLED_OUTSIDE, "pads as it did: code outside the graph also calls it")
-    return None
+def _left_as_it_is(op: WindowOp, frozen: frozenset[int], was: tuple | None) -> bool:
+    """Whether ``op`` keeps its padding: it crops, pads 'same'/'valid' itself, or code outside the graph calls it."""
+    called_outside = op.module is not None and id(op.module) in frozen
+    return (not was and _crops(op)) or isinstance(op.padding, str) or called_outside
 
 
 def _crops(op: WindowOp) -> bool:

@@ -18,8 +18,8 @@ PASCAL = {
 def source_index(j: int, before: int, after: int, n: int, mode: str) -> int | None:
     """Which input sample padded position ``j`` holds (``None``: a zero)."""
     i = j - before
-    if (mode == "reflect" and max(before, after) >= n) or (mode == "circular" and max(before, after) > n):
-        mode = "replicate"  # documented fallback on maps too small to reflect or wrap
+    if mode == "reflect" and max(before, after) >= n:
+        mode = "replicate"  # documented fallback on maps too small to reflect (circular padding wraps around)
     if 0 <= i < n:
         return i
     if mode == "zeros":

@@ -197,10 +197,11 @@ def test_polyphase_shows_phase_groups_and_invariance(capsys):
     assert main(["resnet50", "--polyphase"]) == 0
     out = capsys.readouterr().out
     assert "phase group" in out and out.count("layer2.0.conv2") == 3  # its row, its group, its shortcut's group
-    assert "shift invariance: not exact ((padding): convs, pools and blurs pad with zeros" in out
+    assert "shift invariance: not exact at 1x3x224x224: conv1 (Blur): pads by reflection" in out
     assert main(["resnet50", "--polyphase", "--circular-padding", "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["obstacles"] == [] and {r["action"] for r in data["records"]} == {
+    assert data["verdict"]["breaks"] == [] and data["verdict"]["outputs"][0]["kind"] == "invariant"
+    assert {r["action"] for r in data["records"]} == {
         "phase_before",
         "phase_subsample_before",
     }

@@ -53,7 +53,7 @@ def test_logits_do_not_move_under_circular_shifts(name, placement):
         "phase_before",
         "phase_after",
     }
-    assert fxblur.record_of(gm).obstacles == ()
+    assert fxblur.report(gm, (2, 3, 64, 64)).verdict.exact
     x = torch.randn(2, 3, 64, 64)
     moved, same_class = worst_move(gm, x)
     assert moved <= 1e-5 and same_class
@@ -120,13 +120,12 @@ def test_strides_above_two_select_among_all_their_phases():
         assert worst_move(gm, x)[0] <= 1e-5
 
 
-def test_a_non_global_head_and_a_cropping_conv_are_named():
+def test_a_cropping_conv_is_named_as_what_breaks_invariance():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, stride=2, padding=1))  # the first crops
     gm = fxblur.transform(model, polyphase=True, circular_padding=True, verbose=False)
-    assert [(o.target, o.kind, o.reason) for o in fxblur.record_of(gm).obstacles] == [
-        ("0", "crops", "crops its input (kernel (3, 3), stride (1, 1), padding (0, 0))")
-    ]
-    assert "crops its input" in str(fxblur.report(gm))
+    (where,) = fxblur.record_of(gm).verdict.breaks
+    assert (where.where, where.kind) == ("0 (conv2d)", "size") and "from 224 to 222" in where.reason
+    assert "0 (conv2d): changes the map's size from 224 to 222" in str(fxblur.report(gm))
 
 
 def test_training_lowers_the_loss():

@@ -7,8 +7,9 @@ axis filtered with ``k`` taps (``(k - 1) // 2`` before, the rest after), so the 
 conv or pool of stride ``s`` produces when it is fed the stride-1 map.
 
 Padding modes are ``"reflect"`` (the paper's), ``"replicate"``, ``"zeros"`` (Composer's) and
-``"circular"``. An axis too short to reflect or wrap (a 1-pixel map under a 3-tap filter)
-is padded by replication instead, so tiny maps always work.
+``"circular"``. An axis too short to reflect (a 1-pixel map under a 3-tap filter) is padded
+by replication instead, so tiny maps always work; circular padding wraps around as often as
+it must.
 
 Two implementations compute the same numbers (to float rounding), and the blur picks the
 faster one for its input: weighted sums of shifted views (``fxblur.ops.separable``) for
@@ -17,7 +18,10 @@ oneDNN kernel for it, a depthwise convolution after a padded copy costs several 
 memory traffic it needs; on the others the two are close) or, channels-last, where they
 subsample; a depthwise convolution (``fxblur.ops.depthwise``) everywhere else: channels-last
 at stride 1 (oneDNN's kernel makes one pass), CUDA (cuDNN), half precision, ``meta``
-tensors, ``torch.compile`` (which fuses it), TorchScript and ``torch.jit.trace``. Both give
+tensors, ``torch.compile`` (which fuses it), TorchScript and ``torch.jit.trace``, and every
+circular blur: padding and a convolution compute every output alike, so a circular blur
+commutes bitwise with circular shifts (the shifted views fold the border outputs apart,
+which rounds them differently), and polyphase sampling sees exactly shifted maps. Both give
 the same derivatives of every order (Hessians, gradient penalties, forward mode,
 ``torch.func``), and the same infinities and NaN for non-finite inputs. The input must be
 floating point: a blur of an integer image is a float operation, so convert it first.
@@ -88,13 +92,15 @@ def blur_with_kernel(x: torch.Tensor, kernel: torch.Tensor, stride: Sequence[int
     """
     if not x.is_floating_point():
         raise TypeError(f"blur needs a floating-point input, got {x.dtype}: convert it first, e.g. with x.float()")
-    if _shifted_views_are_faster(x, stride):
+    if _shifted_views_are_faster(x, stride, padding_mode):
         return separable_blur(x, kernel.shape, stride, padding_mode)
     return depthwise_blur(x, kernel, list(stride), padding_mode)
 
 
-def _shifted_views_are_faster(x: torch.Tensor, stride: Sequence[int]) -> bool:
-    return runs_eagerly_on_cpu(x) and (x.is_contiguous() or max(stride) > 1)
+def _shifted_views_are_faster(x: torch.Tensor, stride: Sequence[int], padding_mode: str) -> bool:
+    """Where the shifted views beat padding and a depthwise conv; never for circular padding, whose blur must
+    compute every output alike (the views treat border outputs apart), so that it commutes bitwise with shifts."""
+    return padding_mode != "circular" and runs_eagerly_on_cpu(x) and (x.is_contiguous() or max(stride) > 1)
 
 
 def per_axis(value: int | Sequence[int], axes: int, name: str) -> tuple[int, ...]:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from fxblur.ops.blur_module import Blur
 from fxblur.ops.ceil_mode import pad_for_ceil_mode
+from fxblur.ops.circular import CircularConv1d, CircularConv2d, CircularConv3d
 from fxblur.ops.max_pool import max_pool_stride_one
 
 
@@ -50,16 +51,16 @@ class _BlurredConv(BlurredOp):
         return self._conv_forward(x, self.weight, self.bias)
 
 
-class BlurredConv1d(_BlurredConv, nn.Conv1d):
-    """``nn.Conv1d`` with its blur."""
+class BlurredConv1d(_BlurredConv, CircularConv1d):
+    """``nn.Conv1d`` with its blur (circular padding of any extent: ``fxblur.ops.circular``)."""
 
 
-class BlurredConv2d(_BlurredConv, nn.Conv2d):
-    """``nn.Conv2d`` with its blur."""
+class BlurredConv2d(_BlurredConv, CircularConv2d):
+    """``nn.Conv2d`` with its blur (circular padding of any extent: ``fxblur.ops.circular``)."""
 
 
-class BlurredConv3d(_BlurredConv, nn.Conv3d):
-    """``nn.Conv3d`` with its blur."""
+class BlurredConv3d(_BlurredConv, CircularConv3d):
+    """``nn.Conv3d`` with its blur (circular padding of any extent: ``fxblur.ops.circular``)."""
 
 
 class _BlurredMaxPool(BlurredOp):

@@ -28,6 +28,8 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from fxblur.ops.padding import circular_pad
+
 
 def ceil_mode_padding(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     """Samples to append to an input of ``size`` so a stride-1 pool yields every ceil-mode window."""
@@ -79,9 +81,7 @@ def pad_window_circularly(
     for i in range(len(kernel_size) - 1, -1, -1):
         size = x.shape[first + i]
         flat += circular_padding(size, kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode, at_stride_one)
-    if max(flat) == 0:
-        return x
-    return F.pad(x, flat, mode="circular")
+    return circular_pad(x, flat)
 
 
 def circular_padding(

@@ -11,6 +11,8 @@ Example:
     ((1, 1), (1, 2))
     >>> interior(size=8, taps=3, stride=2)  # outputs 1 to 3 of 4 never read padding
     (1, 4)
+    >>> circular_pad(torch.arange(3.0).view(1, 1, 3), [4, 5])  # wraps around more than once
+    tensor([[[2., 0., 1., 2., 0., 1., 2., 0., 1., 2., 0., 1.]]])
 """
 
 from __future__ import annotations
@@ -30,10 +32,16 @@ def check_padding_mode(padding_mode: str) -> None:
 def pad(x: torch.Tensor, padding: list[tuple[int, int]], padding_mode: str) -> torch.Tensor:
     """Pad the last ``len(padding)`` axes of ``x`` by (before, after) samples each.
 
-    Axes too short for ``"reflect"`` (padding >= size) or ``"circular"`` (padding > size)
-    are padded by replication instead. Axes that share a mode are padded in one copy.
-    Written in TorchScript's subset of Python, for ``Blur`` under ``torch.jit.script``.
+    ``"circular"`` wraps around as often as it must (``circular_pad``). Axes too short for
+    ``"reflect"`` (padding >= size) are padded by replication instead. Axes that share a
+    mode are padded in one copy. Written in TorchScript's subset of Python, for ``Blur``
+    under ``torch.jit.script``.
     """
+    if padding_mode == "circular":
+        flat: list[int] = []
+        for i in range(len(padding) - 1, -1, -1):
+            flat += [padding[i][0], padding[i][1]]
+        return circular_pad(x, flat)
     first = x.dim() - len(padding)
     modes = [feasible_mode(padding_mode, x.shape[first + i], max(padding[i])) for i in range(len(padding))]
     for mode in ("reflect", "replicate", "zeros", "circular"):
@@ -46,9 +54,33 @@ def pad(x: torch.Tensor, padding: list[tuple[int, int]], padding_mode: str) -> t
     return x
 
 
+def circular_pad(x: torch.Tensor, flat: list[int]) -> torch.Tensor:
+    """``F.pad(x, flat, mode="circular")`` (``flat`` in its order: the last axis first), for any amounts.
+
+    Where an amount exceeds its axis (a dilated conv on a small map), the axis is indexed
+    modulo its size, wrapping around as often as needed; elsewhere ``F.pad`` pads, in one copy.
+    Every padded sample is a copy of one input sample: the padding commutes bitwise with a
+    circular shift. Written in TorchScript's subset of Python.
+    """
+    axes = len(flat) // 2
+    small = True
+    for i in range(axes):
+        if max(flat[2 * i], flat[2 * i + 1]) > x.shape[x.dim() - 1 - i]:
+            small = False
+    if small:
+        return F.pad(x, flat, mode="circular") if max(flat) > 0 else x
+    for i in range(axes):
+        before, after = flat[2 * i], flat[2 * i + 1]
+        axis = x.dim() - 1 - i
+        size = x.shape[axis]
+        index = torch.remainder(torch.arange(-before, size + after, device=x.device), size)
+        x = x.index_select(axis, index)
+    return x
+
+
 def feasible_mode(mode: str, size: int, amount: int) -> str:
-    """``mode``, or ``"replicate"`` where an axis of ``size`` is too short to pad by ``amount``."""
-    if (mode == "reflect" and amount >= size) or (mode == "circular" and amount > size):
+    """``mode``, or ``"replicate"`` where an axis of ``size`` is too short to reflect by ``amount``."""
+    if mode == "reflect" and amount >= size:
         return "replicate"
     return mode
 

@@ -27,9 +27,12 @@ from torch import nn
 
 from fxblur._compat import AVG_POOL_BASE, CONV_BASE, MAX_POOL_BASE, timm_fx_registrations
 from fxblur.known_layers import anti_aliasing
+from fxblur.ops.blur import blur
 from fxblur.ops.blur_module import Blur
+from fxblur.ops.polyphase import phase_of, roll_to_phase, select_phase
 
 ALWAYS_LEAVES = (CONV_BASE, MAX_POOL_BASE, AVG_POOL_BASE, Blur)
+FXBLUR_OPS = (blur, phase_of, roll_to_phase, select_phase)  # functions the tracer keeps as calls
 
 
 class LeafPolicy:

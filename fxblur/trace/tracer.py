@@ -11,7 +11,8 @@
   are traced through their signature (``fxblur.trace.signature``);
 - an output that is a dict subclass keeps its class (``fxblur.trace.outputs``);
 - an input check that raises is traced as passing and kept as an assertion
-  (``fxblur.trace.checks``).
+  (``fxblur.trace.checks``);
+- fxblur's own ops (``blur``, the polyphase ops) called in a model's code stay calls.
 
 When tracing fails, ``trace`` raises ``UntraceableModelError`` naming the module and the
 source line that failed (``fxblur.trace.errors``). Tips for making a model traceable:
@@ -48,7 +49,7 @@ from fxblur.trace.calls import CALL, LINE, Call, as_nodes
 from fxblur.trace.checks import check_in, membership_compared
 from fxblur.trace.errors import explain
 from fxblur.trace.frames import calling_line, model_frame
-from fxblur.trace.leaves import LeafPolicy, timm_functions, timm_leaf_enclosing
+from fxblur.trace.leaves import FXBLUR_OPS, LeafPolicy, timm_functions, timm_leaf_enclosing
 from fxblur.trace.outputs import rebuild_node, rebuildable
 from fxblur.trace.signature import default_arguments, explicit_forward, name_fixed_placeholders
 
@@ -65,7 +66,7 @@ class BlurTracer(RootFunctionTracer):
     """
 
     def __init__(self, leaf_modules: Iterable[type[nn.Module] | str] = (), specialise_defaults: bool = True) -> None:
-        super().__init__(autowrap_functions=timm_functions())
+        super().__init__(autowrap_functions=(*FXBLUR_OPS, *timm_functions()))
         self.leaves = LeafPolicy(leaf_modules)
         self.specialise_defaults = specialise_defaults
         self.specialised: dict[str, Any] = {}
