@@ -65,6 +65,27 @@ PADS_AS_CONFIGURED: set[str] = {
     "fxblur.ops.max_pool.StrideOneMaxPool3d",
 }
 
+# Norms with an activation that other libraries fuse into one module: called whole, since
+# their forward updates buffers in place while it runs (timm's BatchNormAct2d counts batches
+# with num_batches_tracked.add_(1), which a trace would run on the model's own buffer and not
+# record). By what they normalise over: "batch" (per channel, as a BatchNorm), "group" (groups
+# of channels and space), "channels" (the channels at each position) or "last" (the last dim).
+NORM_ACT: dict[str, str] = {
+    "timm.layers.norm_act.BatchNormAct2d": "batch",
+    "timm.layers.norm_act.SyncBatchNormAct": "batch",
+    "timm.layers.norm_act.FrozenBatchNormAct2d": "batch",
+    "timm.layers.norm_act.GroupNormAct": "group",
+    "timm.layers.norm_act.GroupNorm1Act": "group",
+    "timm.layers.norm_act.LayerNormAct2d": "channels",
+    "timm.layers.norm_act.LayerNormAct2dFp32": "channels",
+    "timm.layers.norm_act.RmsNormAct2d": "channels",
+    "timm.layers.norm_act.RmsNormAct2dFp32": "channels",
+    "timm.layers.norm_act.LayerNormAct": "last",
+    "timm.layers.norm_act.LayerNormActFp32": "last",
+    "timm.layers.norm_act.RmsNormAct": "last",
+    "timm.layers.norm_act.RmsNormActFp32": "last",
+}
+
 _trusted: set[type] = set()
 
 
@@ -88,6 +109,11 @@ def trusts_forward(cls: type) -> bool:
 def pads_as_configured(cls: type) -> bool:
     """Whether ``cls``'s own ``forward`` pads as its ``padding`` and ``padding_mode`` say (``PADS_AS_CONFIGURED``)."""
     return _name(cls) in PADS_AS_CONFIGURED
+
+
+def norm_act(module: nn.Module) -> str | None:
+    """What a known norm-with-activation module normalises over (``NORM_ACT``), or ``None``."""
+    return next((kind for cls in type(module).__mro__ if (kind := NORM_ACT.get(_name(cls)))), None)
 
 
 def anti_aliasing(module: nn.Module) -> str | None:

@@ -290,3 +290,51 @@ def test_an_error_inside_fxblurs_own_op_is_blamed_on_the_models_line():
         fxblur.transform(nn.Sequential(BlursItself(), nn.Flatten()), verbose=False)
     assert "test_tracer.py" in error.value.summary and "(`return fxblur.blur(x.long(), stride=2)" in error.value.summary
     assert "fxblur/ops" not in error.value.summary
+
+
+class Counting(nn.Module):
+    """Counts its calls in a buffer, in place, as BatchNorm counts batches."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.conv(x)
+
+
+def test_a_forward_that_writes_a_buffer_is_called_whole_and_the_original_is_untouched():
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), Counting())
+    gm = fxblur.transform(model, verbose=False)
+    assert model[1].calls.item() == 0  # tracing wrote nothing of the model's
+    assert type(gm.get_submodule("1")) is Counting  # its code runs as it is
+    assert type(gm.get_submodule("1.conv")).__name__ == "BlurredConv2d"
+    assert [(c.target, c.action) for c in fxblur.changes(gm)] == [("1.conv", "blur_before")]
+    gm(torch.randn(1, 16, 8, 8))
+    assert model[1].calls.item() == 1  # the buffer is shared: the result counts where the model did
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_timm_batch_norm_act_keeps_its_statistics_exact(flatten):
+    timm = pytest.importorskip("timm")
+    from timm.layers.norm_act import BatchNormAct2d
+
+    model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=4).train()
+    for module in model.modules():
+        if isinstance(module, BatchNormAct2d):
+            module.momentum = None  # a cumulative average, by num_batches_tracked
+    before = snapshot(model)
+    gm = fxblur.transform(model, filter_size=1, copy=True, flatten=flatten, verbose=False)
+    assert_same_snapshot(before, snapshot(model))  # its batch counters are where they were
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    for _ in range(3):
+        reference(x)
+        gm(x)
+    expected, got = reference.state_dict(), gm.state_dict()
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, msg=name)
+    assert got["bn1.num_batches_tracked"].item() == 3

@@ -1,7 +1,8 @@
 """Per-channel ops that subsampling commutes with: how far a blur may move past a conv.
 
 Subsampling commutes with any op that treats every spatial position alike and on its own:
-BatchNorm, activations, dropout, and affine ops with a scalar or per-channel constant. The
+BatchNorm, activations, dropout, affine ops with a scalar or per-channel constant, and the
+known modules fusing a batch or channel norm with an activation (timm's ``BatchNormAct2d``). The
 paper puts its blur after such ops (Conv -> BatchNorm -> ReLU -> BlurPool), which module
 surgery cannot find in general; in a graph it is a walk along single-user edges.
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxblur._compat import BATCH_NORM_BASE
+from fxblur.known_layers import norm_act
 
 MODULES = (
     BATCH_NORM_BASE,
@@ -63,12 +65,10 @@ def per_channel_op_on(user: fx.Node, node: fx.Node, gm: fx.GraphModule, spatial_
         return False
     if user.op == "call_module":
         module = gm.get_submodule(user.target)
-        return (
-            isinstance(module, MODULES)
-            and type(module).forward.__module__.startswith("torch.nn.")  # not a subclass's own forward
-            and len(user.args) == 1
-            and not user.kwargs
-        )
+        per_channel = (
+            isinstance(module, MODULES) and type(module).forward.__module__.startswith("torch.nn.")
+        ) or norm_act(module) in ("batch", "channels")  # not a subclass's own forward; a known norm-act
+        return per_channel and len(user.args) == 1 and not user.kwargs
     function = user.op == "call_function" and user.target in FUNCTIONS
     if function or (user.op == "call_method" and user.target in METHODS):
         others = [*user.args[1:], *user.kwargs.values()]

@@ -64,7 +64,7 @@ from fxblur.analysis.equivariance import CONSTANT, Analysis, Axis, Break, BreakK
 from fxblur.analysis.pointwise import FUNCTIONS as POINTWISE_FUNCTIONS
 from fxblur.analysis.pointwise import MODULES as POINTWISE_MODULES
 from fxblur.analysis.window_ops import WindowOp, read_window_op
-from fxblur.known_layers import pads_as_configured
+from fxblur.known_layers import norm_act, pads_as_configured
 from fxblur.ops.blur_module import Blur
 from fxblur.ops.blurred import BlurredOp
 from fxblur.ops.ceil_mode import pad_for_ceil_mode, pad_window_circularly
@@ -136,6 +136,9 @@ def value_of(node: fx.Node, analysis: Analysis) -> Value:
 def _rule(node: fx.Node, analysis: Analysis) -> Rule | None:
     if node.op == "call_module":
         module = analysis.graph_module.get_submodule(node.target)
+        kind = norm_act(module)
+        if kind is not None:  # a known norm with an activation: per channel, or over the last dim
+            return _linear if kind == "last" else _norm
         return next((rule for cls, rule in _MODULE_RULES if isinstance(module, cls)), None)
     if node.op == "call_function":
         if node.target in _FUNCTION_RULES:

@@ -4,9 +4,12 @@
   ``Conv2dSame``, ``StdConv2d``): the passes then see the call and can decide on it,
   instead of tracing into code whose arithmetic they cannot rewrite;
 - every layer that anti-aliases already (timm's ``BlurPool2d``, kornia's ``MaxBlurPool2D``:
-  ``fxblur.known_layers``), which is never blurred again;
+  ``fxblur.known_layers``), which is never blurred again, and every known norm with an
+  activation (timm's ``BatchNormAct2d``), whose forward updates buffers as it runs;
 - the user's ``leaf_modules``, by class or by module path;
 - torch.fx's own leaves (the rest of ``torch.nn``);
+- a module whose forward writes one of its buffers in place while traced (the trace would
+  run that on the model's own tensor, and not record it): ``trace`` finds it and calls it whole;
 - where timm is loaded, a module that fails to trace falls back to being a leaf if timm
   registered its class as not traceable (``fxblur._compat.timm_fx_registrations``).
 
@@ -26,7 +29,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxblur._compat import AVG_POOL_BASE, CONV_BASE, MAX_POOL_BASE, timm_fx_registrations
-from fxblur.known_layers import anti_aliasing
+from fxblur.known_layers import anti_aliasing, norm_act
 from fxblur.ops.blur import blur
 from fxblur.ops.blur_module import Blur
 from fxblur.ops.polyphase import phase_of, roll_to_phase, select_phase
@@ -46,7 +49,12 @@ class LeafPolicy:
 
     def is_leaf(self, module: nn.Module, path: str) -> bool:
         """Whether the tracer calls ``module`` (at ``path``) whole, besides torch.fx's own leaves."""
-        return isinstance(module, self.classes) or path in self.paths or anti_aliasing(module) is not None
+        return (
+            isinstance(module, self.classes)
+            or path in self.paths
+            or anti_aliasing(module) is not None
+            or norm_act(module) is not None
+        )
 
     def is_user_leaf(self, module: nn.Module, path: str) -> bool:
         """Whether ``module`` is a leaf because the user (or timm's registrations) asked: code fxblur does not see."""

@@ -199,15 +199,19 @@ def trace(
     while True:
         tracer = BlurTracer(leaf_modules, specialise_defaults)
         saved = [(module, dict(module.__dict__)) for module in root.modules()]
+        swaps = _stand_in_buffers(root)
         try:
             graph = tracer.trace(root, concrete_args)
-            return Traced(graph, tracer.root_call, tracer.leaves.called_whole(root, graph), tracer.specialised)
+            written = next((swap.path for swap in swaps if swap.copy._version), None)
+            if written is None:
+                return Traced(graph, tracer.root_call, tracer.leaves.called_whole(root, graph), tracer.specialised)
         except Exception as error:
             path, cls = tracer.failed_module or (None, None)
             fallback = timm_leaf_enclosing(root, path)
             if fallback is None:
                 raise explain(root, path, cls, error) from error
             leaf_modules = (*leaf_modules, fallback)
+            continue
         finally:
             for module, attributes in saved:
                 added = module.__dict__.keys() - attributes.keys()
@@ -215,3 +219,31 @@ def trace(
                     if not isinstance(module.__dict__[name], torch.Tensor):
                         del module.__dict__[name]
                 module.__dict__.update(attributes)
+            for swap in swaps:
+                swap.module._buffers[swap.name] = swap.original
+        if not written:  # the model's own forward writes a buffer: no trace can record that
+            why = RuntimeError("its forward writes one of its buffers in place, which a trace cannot record")
+            raise explain(root, "", type(root), why)
+        leaf_modules = (*leaf_modules, written)  # call the module whole: its code then runs as it is
+
+
+@dataclass(frozen=True)
+class _Swap:
+    path: str
+    module: nn.Module
+    name: str
+    original: torch.Tensor
+    copy: torch.Tensor
+
+
+def _stand_in_buffers(root: nn.Module) -> list[_Swap]:
+    """Give every module copies of its buffers for the trace: a forward that writes one in place while traced
+    (a batch counter) must not touch the model's own tensor, and the copies' versions say who did."""
+    swaps = []
+    for path, module in root.named_modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                swaps.append(_Swap(path, module, name, buffer, buffer.detach().clone()))
+    for swap in swaps:
+        swap.module._buffers[swap.name] = swap.copy
+    return swaps
