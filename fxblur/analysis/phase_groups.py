@@ -7,10 +7,11 @@ shortcut (added), the strided branches of an Inception or ShuffleNet reduction b
 (concatenated). Two ops are in one group when
 
 - their inputs derive from one tensor through stride-1 ops that treat every position
-  alike (convs and pools of stride 1, norms, activations, per-channel affine ops): they
-  read the same signal, shifted alike; or
-- their outputs, through such ops, meet at one node that combines tensors (an add, a
-  ``cat``, a product of two maps).
+  alike (convs and pools of stride 1, norms, norms with an activation, activations,
+  per-channel affine ops, and the pieces of a split along channels): they read the same
+  signal, shifted alike; or
+- their outputs, through such ops, meet at a node that combines tensors (an add, a
+  ``cat``, a product of two maps), on any of the branches they fan out to.
 
 A group's *source* is the latest tensor every member's input derives from that way (the
 block's input, in a ResNet); the cheap form of polyphase sampling computes the group's
@@ -28,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import enum
+import operator
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -37,6 +39,7 @@ from fxblur._compat import BATCH_NORM_BASE
 from fxblur.analysis.pointwise import MODULES as POINTWISE_MODULES
 from fxblur.analysis.pointwise import per_channel_op_on
 from fxblur.analysis.window_ops import WindowOp, read_window_op
+from fxblur.known_layers import norm_act
 from fxblur.ops.blur_module import Blur
 
 _NORMS = (BATCH_NORM_BASE, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -87,8 +90,7 @@ def phase_groups(ops: list[WindowOp], gm: fx.GraphModule) -> list[PhaseGroup]:
             if node in reached:
                 parent[find(i)] = find(reached[node])
             reached.setdefault(node, i)
-        combining = _combining_user(op.node, gm)  # outputs that meet
-        if combining is not None:
+        for combining in _combining_users(op.node, gm):  # outputs that meet
             if combining in meets:
                 parent[find(i)] = find(meets[combining])
             meets.setdefault(combining, i)
@@ -117,15 +119,20 @@ def _back_path(node: fx.Node, gm: fx.GraphModule) -> list[fx.Node]:
     return path
 
 
-def _combining_user(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
-    """The first node after ``node``, along single-user stride-1 ops, that reads it with another map."""
-    while len(node.users) == 1:
-        user = next(iter(node.users))
-        if _equivariant_input(user, gm) is node:
-            node = user
-            continue
-        return user if _reads_several_maps(user) else None
-    return None
+def _combining_users(node: fx.Node, gm: fx.GraphModule) -> list[fx.Node]:
+    """The first nodes after ``node``, along every branch of stride-1 ops, that read it with other maps."""
+    found, frontier, seen = [], [node], {node}
+    while frontier:
+        current = frontier.pop()
+        for user in current.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if _equivariant_input(user, gm) is current:
+                frontier.append(user)
+            elif _reads_several_maps(user):
+                found.append(user)
+    return found
 
 
 def _equivariant_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
@@ -138,13 +145,37 @@ def _equivariant_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     op = read_window_op(node, gm)
     if op is not None:
         return None if op.downsamples else source
+    if node.op == "call_function" and node.target is operator.getitem:
+        return _split_source(node)
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         stride_one_blur = isinstance(module, Blur) and all(s == 1 for s in module.stride)
-        if stride_one_blur or (isinstance(module, (*_NORMS, *POINTWISE_MODULES)) and len(node.args) == 1):
+        per_channel = isinstance(module, (*_NORMS, *POINTWISE_MODULES)) or norm_act(module) is not None
+        if stride_one_blur or (per_channel and len(node.args) == 1):
             return source
         return None
     return source if per_channel_op_on(node, source, gm, spatial_dims=2) else None
+
+
+def _split_source(node: fx.Node) -> fx.Node | None:
+    """For a piece of a channel split (``split``/``chunk`` along dim 1, then an index), or a slice of channels
+    (``x[:, a:b]``): the map it is taken from, whose positions it keeps."""
+    source, index = node.args
+    if not isinstance(source, fx.Node):
+        return None
+    if isinstance(index, int) and _splits_channels(source):
+        return source.args[0] if isinstance(source.args[0], fx.Node) else None
+    entries = index if isinstance(index, tuple) else (index,)
+    channel_slice = len(entries) == 2 and entries[0] == slice(None) and isinstance(entries[1], slice)
+    return source if channel_slice and (entries[1].step in (None, 1)) else None
+
+
+def _splits_channels(node: fx.Node) -> bool:
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name not in ("split", "chunk", "tensor_split"):
+        return False
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+    return dim == 1
 
 
 def _reads_several_maps(node: fx.Node) -> bool:
