@@ -17,6 +17,7 @@ The data flows one way (``docs/architecture.md``):
 from __future__ import annotations
 
 import copy as copy_module
+import dataclasses
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -28,6 +29,7 @@ from fxblur._compat import run_passes
 from fxblur.analysis.equivariance import example_shape
 from fxblur.arguments import check_not_wrapped, check_tracing_options, options_that_match_nothing
 from fxblur.assemble.changed import changed_calls, snapshot
+from fxblur.assemble.fold import fold_into_layers
 from fxblur.assemble.graph_module import assemble, graph_module_over, working_module
 from fxblur.assemble.hooks import warn_about_hooks
 from fxblur.assemble.leaf_parts import rewrite_inside_registered_leaves, skipped_inside
@@ -258,11 +260,14 @@ class _Rewrite:
         decisions = _decisions(list(working.values())) + inside
         decisions += [change for change in skipped_inside(root, leaves) if change.target not in done]
         groups = tuple(group for gm in working.values() for group in logged(gm, "phase_groups"))
+        flat = {id(traced): _flat_graph_module(root, traced.graph) for traced in unique}  # as the passes left it
         nesting = None
         if self.flatten:
             warn_about_hooks(call for traced in unique for call in traced.root.walk())
             result = assemble(root, traces[True].graph, traces[False].graph)
         else:
+            moved = fold_into_layers([t.graph for t in unique], [t.root for t in unique], root, frozen)
+            decisions = [dataclasses.replace(c, blur=moved.get(c.blur, c.blur)) for c in decisions]
             modes = {
                 mode: ModeGraph(traced.graph, traced.root, changed_calls(traced.graph, before[id(traced)]))
                 for mode, traced in traces.items()
@@ -272,7 +277,6 @@ class _Rewrite:
             nesting = plan.nesting()
         for traced in unique:
             forget_calls(traced.graph)
-        carriers = {id(traced): fx.GraphModule(result, traced.graph) for traced in unique}
         record = RewriteRecord(
             model=type(root).__name__,
             options=options,
@@ -282,7 +286,7 @@ class _Rewrite:
             nesting=nesting,
             specialised=tuple(traces[root.training].specialised.items()),
             example_shape=example_shape(result),
-            flat_graphs=(carriers[id(traces[True])], carriers[id(traces[False])]),
+            flat_graphs=(flat[id(traces[True])], flat[id(traces[False])]),
         )
         store_record(result, record)
         return result
@@ -312,6 +316,15 @@ def _run_passes(
             run_passes([CircularPadding(padding)], gm)
             gm.graph.lint()
         padding.install(root)
+
+
+def _flat_graph_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """A copy of ``graph`` as a GraphModule over ``root``'s modules, without tracer state: the record's flat graph."""
+    copy = fx.Graph()
+    output = next(node for node in graph.nodes if node.op == "output")
+    copy.output(copy.graph_copy(graph, {}), type_expr=output.type)
+    forget_calls(copy)
+    return fx.GraphModule(root, copy)
 
 
 def _decisions(graph_modules: list[fx.GraphModule]) -> list[Change]:

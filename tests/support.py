@@ -13,6 +13,8 @@ from hypothesis import settings
 from torch import nn
 from torchvision.models.regnet import BlockParams
 
+from fxblur.assemble.fold import FoldedLayer
+
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
 
@@ -95,14 +97,16 @@ def meta_model(name: str) -> nn.Module:
 def layer_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, list[tuple[int, ...]]]:
     """Output shapes of every norm and activation module, per call, keyed by module path.
 
-    Only torch.nn's own classes are observed: subclasses defined elsewhere (ConvNeXt's
+    Only torch.nn's own classes are observed (and layers a rewrite folded a chain into,
+    ``fxblur.assemble.fold``, which stand for one): subclasses defined elsewhere (ConvNeXt's
     LayerNorm2d) are traced through, so a GraphModule never calls them as modules.
     """
     shapes: dict[str, list[tuple[int, ...]]] = {}
     handles = [
         module.register_forward_hook(lambda m, i, out, name=name: shapes.setdefault(name, []).append(tuple(out.shape)))
         for name, module in model.named_modules()
-        if isinstance(module, _OBSERVED) and type(module).__module__.startswith("torch.nn")
+        if isinstance(module, _OBSERVED)
+        and (type(module).__module__.startswith("torch.nn") or isinstance(module, FoldedLayer))
     ]
     try:
         model(x)

@@ -219,3 +219,34 @@ def test_regional_compilation_of_the_blocks(placement):
         block.compile(backend="eager", fullgraph=True)  # fullgraph: a graph break raises
     torch.testing.assert_close(gm(x), expected)
     assert all(block._compiled_call_impl is not None for block in gm.layer2)
+
+
+@pytest.mark.parametrize(
+    "options", [{"polyphase": True}, {"polyphase": True, "circular_padding": True}, {"past_nonlinearity": True}]
+)
+def test_a_sequential_keeps_its_layers_their_count_and_what_they_compute_one_by_one(options):
+    # nodes a rewrite puts between a Sequential's layers (a phase before a pool, a blur past an activation) go
+    # into those layers: perceptual losses that run vgg.features layer by layer, or slice it, still work
+    model = torchvision.models.vgg11(num_classes=10).eval()
+    gm = fxblur.transform(model, verbose=False, **options)
+    features = gm.features
+    assert type(features) is nn.Sequential and len(features) == len(model.features)
+    assert [name for name, _ in features.named_children()] == [name for name, _ in model.features.named_children()]
+    x = torch.randn(1, 3, 64, 64)
+    y = x
+    for layer in features:
+        y = layer(y)
+    torch.testing.assert_close(y, features(x))
+    torch.testing.assert_close(features[:6](x), features[5](features[4](features[3](features[:3](x)))))
+    assert fxblur.report(gm).nesting.rewritten == ()
+    assert sorted(gm.state_dict()) == sorted(model.state_dict())
+
+
+def test_a_conv_norm_activation_block_keeps_its_three_layers_past_the_nonlinearity():
+    model = torchvision.models.mobilenet_v3_small().eval()
+    gm = fxblur.transform(model, past_nonlinearity=True, verbose=False)
+    block = gm.features[1].block[0]  # a strided depthwise Conv2dNormActivation (a Sequential)
+    assert len(block) == 3 and type(block[2]).__name__ == "Folded[ReLU]" and isinstance(block[2], nn.ReLU)
+    x = torch.randn(1, 16, 32, 32)
+    torch.testing.assert_close(block(x), block[2](block[1](block[0](x))))
+    assert block(x).shape == model.features[1].block[0](x).shape
