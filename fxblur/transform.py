@@ -367,8 +367,13 @@ def _trace_each_mode(
 def _no_effect(model: nn.Module, result: nn.Module, decisions: tuple[Change, ...]) -> str:
     """What ``NoEffectWarning`` says: the model is anti-aliased already, or had nothing the options allow."""
     name = type(model).__name__
-    if decisions and all(change.reason.startswith(_ALREADY) for change in decisions):
-        return f"{name} is anti-aliased already: its {len(decisions)} strided ops are blurred, so nothing changed"
+    done = [change for change in decisions if change.reason.startswith(_ALREADY)]
+    if record_of(model) is not None:
+        return f"{name} is anti-aliased already: it is a result of fxblur.transform, so nothing changed"
+    if done:
+        rest = sorted({change.reason for change in decisions if change not in done})
+        left = f"; the others are left alone ({'; '.join(rest)})" if rest else ""
+        return f"{name} is anti-aliased already: its {len(done)} strided ops are, so nothing changed{left}"
     parts = record_of(result).parts
     untraced = f"; could not trace {', '.join(u.path for u in parts.untraced)}" if parts and parts.untraced else ""
     return (

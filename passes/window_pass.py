@@ -40,6 +40,8 @@ from fxblur.analysis.window_ops import WindowOp, change_of, read_window_op, set_
 from fxblur.known_layers import anti_aliasing, trusts_forward
 from fxblur.ops.blur_module import Blur
 from fxblur.ops.blurred import BLURRED, BlurredOp, make_blurred
+from fxblur.ops.ceil_mode import pad_for_ceil_mode, pad_window_circularly
+from fxblur.ops.folded import FoldedLayer
 from fxblur.ops.polyphase import roll_to_phase, select_phase
 from fxblur.options import BlurOptions
 from fxblur.passes.context import Realization, RewriteContext
@@ -129,9 +131,10 @@ class WindowOpPass(PassBase):
         pattern = self.options.excluded(f"{context.scope}.{op.target}" if context.scope else op.target)
         if pattern is not None:
             return f"excluded by {pattern!r}"
-        if isinstance(op.module, BlurredOp) or _is_blurred_before(op, gm):
+        source = unpadded_input(op)
+        if isinstance(op.module, BlurredOp) or _is_blurred_before(source, op, gm) or _folded_blur(op):
             return "already blurred"
-        if op.input.op == "call_function" and op.input.target in (roll_to_phase, select_phase):
+        if source.op == "call_function" and source.target in (roll_to_phase, select_phase):
             return "already subsampled by polyphase sampling"
         layer = _anti_aliasing_before(op, gm)
         if layer:
@@ -301,8 +304,25 @@ def _anti_aliasing_before(op: WindowOp, gm: fx.GraphModule) -> str | None:
     return anti_aliasing(layer) if all(s == 1 for s in strides) else None
 
 
-def _is_blurred_before(op: WindowOp, gm: fx.GraphModule) -> bool:
+def unpadded_input(op: WindowOp) -> fx.Node:
+    """The op's input before the padding a rewrite put in front of it (circular padding, ceil-mode windows)."""
     source = op.input
+    while source.op == "call_function" and source.target in (pad_window_circularly, pad_for_ceil_mode):
+        source = source.args[0]
+    return source
+
+
+def _folded_blur(op: WindowOp) -> bool:
+    """Whether the op is a layer that a rewrite folded a blur or a polyphase roll into (``fxblur.assemble.fold``)."""
+    if not isinstance(op.module, FoldedLayer) or "before" not in op.module.fxblur:
+        return False
+    chain = op.module.fxblur["before"]
+    called = [chain.get_submodule(node.target) for node in chain.graph.nodes if node.op == "call_module"]
+    rolled = any(node.target in (roll_to_phase, select_phase) for node in chain.graph.nodes)
+    return rolled or any(isinstance(module, Blur) for module in called)
+
+
+def _is_blurred_before(source: fx.Node, op: WindowOp, gm: fx.GraphModule) -> bool:
     if source.op != "call_module" or not isinstance(gm.get_submodule(source.target), Blur):
         return False
     blur = gm.get_submodule(source.target)

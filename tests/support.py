@@ -13,7 +13,7 @@ from hypothesis import settings
 from torch import nn
 from torchvision.models.regnet import BlockParams
 
-from fxblur.assemble.fold import FoldedLayer
+from fxblur.ops.folded import FoldedLayer
 
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 

@@ -18,7 +18,7 @@ import torch
 import torchvision.models as tvm
 
 import fxblur
-from fxblur.assemble.fold import FoldedLayer
+from fxblur.ops.folded import FoldedLayer
 from fxblur.record import flat_graph_module
 from support import IMAGE_ZOO, VIDEO_ZOO, input_sizes, layer_shapes, meta_model
 

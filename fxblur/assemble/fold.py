@@ -28,34 +28,15 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
-from typing import Any
 
 import torch.fx as fx
 from torch import nn
 
+from fxblur.ops.folded import FoldedLayer, folded_class
 from fxblur.passes.edit import BLUR_CONTAINER, Blurs
 from fxblur.trace.calls import Call, call_of, map_nodes, nodes_in
 from fxblur.trace.cloning import share_tensors
-
-
-class FoldedLayer:
-    """Mixed into a layer's class: the folded chain (``fxblur["before"]`` or ``fxblur["after"]``) around its forward."""
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        chain = self._modules[BLUR_CONTAINER]
-        if "before" in chain:
-            args = (chain["before"](args[0]), *args[1:])
-        output = self._fxblur_layer_forward(*args, **kwargs)
-        return chain["after"](output) if "after" in chain else output
-
-
-@functools.cache
-def folded_class(cls: type[nn.Module]) -> type[nn.Module]:
-    """``Folded[cls]``: ``cls`` running its folded chain around its own forward."""
-    return type(f"Folded[{cls.__name__}]", (FoldedLayer, cls), {"_fxblur_layer_forward": cls.forward,
-                                                                "__module__": __name__})  # fmt: skip
 
 
 def fold_into_layers(
