@@ -7,6 +7,7 @@ Example:
     ['maxpool', 'layer2.0.conv2', 'layer2.0.downsample.0']
 """
 
+from fxblur.assemble.graph_module import BakedAttributeWarning
 from fxblur.assemble.hooks import HookWarning
 from fxblur.known_layers import trust_forward
 from fxblur.ops.blur import blur
@@ -18,6 +19,7 @@ from fxblur.transform import NoEffectWarning, transform
 
 __all__ = [
     "Action",
+    "BakedAttributeWarning",
     "Blur",
     "BlurTracer",
     "Change",

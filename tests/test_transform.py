@@ -366,3 +366,26 @@ def test_verbose_prints_the_change_table(capsys):
     assert "layer2.0.conv1" in printed and "blur_before" in printed
     assert "skipped: in_channels 3 < min_channels 16" in printed
     assert "ResNet: 7 blurred, 1 skipped" in printed
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.scale = 1.0
+
+    def forward(self, x):
+        return F.max_pool2d(self.conv(x), 2) * self.scale
+
+
+def test_setting_a_plain_attribute_a_rewritten_forward_baked_in_warns():
+    gm = fxblur.transform(nn.Sequential(Scaled()), verbose=False)
+    block = gm.get_submodule("0")
+    assert isinstance(block, torch.fx.GraphModule)  # its forward was rewritten: 2.0 would not be read
+    with pytest.warns(fxblur.BakedAttributeWarning, match=r"Scaled.scale was 1.0 .* setting it to 2.0"):
+        block.scale = 2.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        block.scale = 1.0  # its old value, or a mode change, or a module whose code fxblur kept: no warning
+        block.eval()
+        gm.get_submodule("0.conv").padding = (1, 1)

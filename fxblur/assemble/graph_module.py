@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -61,6 +62,18 @@ class BlurGraphModule(fx.GraphModule):
 
     _graph_attributes: tuple[str, ...] = (GRAPH_ATTRIBUTE,)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        baked = self.__dict__.get(_BAKED)
+        if baked and name in baked and not _same_value(baked[name], value):
+            warnings.warn(
+                f"{type(self).__name__}.{name} was {baked[name]!r} when fxblur rewrote this module's forward, which "
+                f"reads plain attributes as constants: setting it to {value!r} does not change what it computes. "
+                "Set it on the original model and transform that again.",
+                BakedAttributeWarning,
+                stacklevel=2,
+            )
+        super().__setattr__(name, value)
+
     def __reduce__(self) -> tuple[Callable[..., BlurGraphModule], tuple]:
         state = {name: value for name, value in self.__dict__.items() if not isinstance(value, fx.Graph)}
         # A GraphModule takes ownership of its graph: hand the carriers copies.
@@ -78,6 +91,35 @@ class BlurGraphModule(fx.GraphModule):
 
     def _current_graph(self) -> fx.Graph:
         return self.__dict__[self._graph_attributes[0]]
+
+
+class BakedAttributeWarning(UserWarning):
+    """A plain attribute of a module whose forward fxblur rewrote was set: the graph uses its old value."""
+
+
+_BAKED = "_fxblur_baked"
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _plain(value: Any) -> bool:
+    return isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value))
+
+
+def _same_value(old: Any, new: Any) -> bool:
+    return type(old) is type(new) and old == new
+
+
+def bake(gm: BlurGraphModule) -> None:
+    """Remember ``gm``'s plain public attributes, which its generated forward may have read as constants.
+
+    Not ``training``: a module whose graph depends on its mode has one graph per mode.
+    """
+    own = _graph_module_state() | {"training"}
+    gm.__dict__[_BAKED] = {
+        name: value
+        for name, value in gm.__dict__.items()
+        if not name.startswith("_") and name not in own and _plain(value)
+    }
 
 
 class TrainEvalGraphModule(BlurGraphModule):
@@ -154,6 +196,7 @@ def graph_module_over(module: nn.Module, graphs: dict[bool, fx.Graph], keep_clas
                 register_tensor(module, node.target)
     gm = cls(module, unique[0], name) if kind is BlurGraphModule else cls(module, graphs[True], graphs[False], name)
     _take_state(gm, module)
+    bake(gm)
     return gm
 
 
