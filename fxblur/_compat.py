@@ -25,8 +25,8 @@ What each entry wraps:
   re-raises the pass's own error.
 - ``quiet_fake_tensor_logs``, ``fake_tensor_mode``: the fake-tensor module and its logger.
 - ``compiled_module_class``: ``torch._dynamo.eval_frame.OptimizedModule``.
-- ``CONV_BASE``, ``MAX_POOL_BASE``, ``AVG_POOL_BASE``, ``BATCH_NORM_BASE``: torch.nn's private
-  base classes of convs, pools and batch norms (subclasses from other libraries share them).
+- ``CONV_BASE``, ``MAX_POOL_BASE``, ``AVG_POOL_BASE``, ``LP_POOL_BASE``, ``BATCH_NORM_BASE``:
+  torch.nn's private base classes of convs, pools and batch norms (subclasses from other libraries share them).
 - ``WITH_INDICES_BUILTINS``: the ``torch._C._nn`` builtins behind ``F.max_pool2d/3d`` with indices.
 - ``IMMUTABLE_DICT``, ``IMMUTABLE_LIST``: the containers torch.fx puts node arguments in.
 - ``timm_fx_registrations``: ``timm.layers._fx``, the modules and functions timm marks as
@@ -59,6 +59,7 @@ from torch.utils.hooks import RemovableHandle
 CONV_BASE = nn.modules.conv._ConvNd
 MAX_POOL_BASE = nn.modules.pooling._MaxPoolNd
 AVG_POOL_BASE = nn.modules.pooling._AvgPoolNd
+LP_POOL_BASE = nn.modules.pooling._LPPoolNd
 BATCH_NORM_BASE = nn.modules.batchnorm._BatchNorm
 WITH_INDICES_BUILTINS = (
     torch.max_pool1d_with_indices,

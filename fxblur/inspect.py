@@ -70,6 +70,9 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument("--no-convs", const=False, dest="replace_convs", **flag, help="leave strided convs alone")
     options.add_argument("--no-maxpools", const=False, dest="replace_maxpools", **flag, help="leave max pools alone")
     options.add_argument("--avg-pools", const=True, dest="replace_avgpools", **flag, help="blur strided avg pools")
+    options.add_argument(
+        "--subsampling", const=True, dest="replace_subsampling", **flag, help="blur strided slices, unshuffles..."
+    )
     options.add_argument("--fixed-filter", const=False, dest="adaptive_filter", **flag, help="K taps on every axis")
     options.add_argument("--min-channels", type=int, metavar="N", help="skip convs with fewer inputs (16)")
     options.add_argument("--filter-size", type=int, metavar="K", help="binomial filter taps, 1 to 7 (3)")

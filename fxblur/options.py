@@ -19,10 +19,10 @@ Placement, per kind of op:
 
 Polyphase sampling (``polyphase=True``, see ``fxblur.passes.PolyphaseSampling``): every
 downsampling op subsamples by adaptive polyphase selection in the same placements, the
-blur (stride 1) optional; unless given, ``min_channels`` becomes 0 and ``replace_avgpools``
-``True``, so that no strided op is left out. ``circular_padding=True`` makes convs, pools
-and blurs pad circularly (``padding_mode`` becomes ``"circular"``), which exact invariance
-to circular shifts needs.
+blur (stride 1) optional; unless given, ``min_channels`` becomes 0, and ``replace_avgpools``
+and ``replace_subsampling`` ``True``, so that no downsampling op is left out.
+``circular_padding=True`` makes convs, pools and blurs pad circularly (``padding_mode``
+becomes ``"circular"``), which exact invariance to circular shifts needs.
 
 Filters: with ``adaptive_filter=True`` the ``filter_size``-tap binomial is applied only
 along the axes an op subsamples, and widens for strides above 2 (see ``filter_taps``);
@@ -59,6 +59,7 @@ class BlurOptions:
     replace_convs: bool = True
     replace_maxpools: bool = True
     replace_avgpools: bool = False
+    replace_subsampling: bool = False
     blur_first: bool = True
     past_nonlinearity: bool = False
     pool_blur_first: bool | None = None
@@ -72,7 +73,8 @@ class BlurOptions:
     circular_padding: bool = False
 
     def __post_init__(self) -> None:
-        flags = ("replace_convs", "replace_maxpools", "replace_avgpools", "blur_first", "past_nonlinearity")
+        flags = ("replace_convs", "replace_maxpools", "replace_avgpools", "replace_subsampling", "blur_first",
+                 "past_nonlinearity")  # fmt: skip
         for name in (*flags, "adaptive_filter", "polyphase", "circular_padding"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -150,7 +152,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # What polyphase sampling and circular padding change in the defaults, below explicit values and presets.
-_POLYPHASE_DEFAULTS = {"min_channels": 0, "replace_avgpools": True}
+_POLYPHASE_DEFAULTS = {"min_channels": 0, "replace_avgpools": True, "replace_subsampling": True}
 _CIRCULAR_DEFAULTS = {"padding_mode": "circular"}
 
 

@@ -104,7 +104,8 @@ class Change:
         op: ``"conv2d"``, ``"max_pool2d"``, ...
         action: the placement taken (``Action``), or ``Action.SKIPPED``.
         reason: why it was skipped; empty otherwise.
-        kernel_size, stride: the op's geometry as it was before the rewrite.
+        kernel_size, stride: the op's geometry as it was before the rewrite (``()``: an op
+            without a window, such as a strided slice).
         in_channels, out_channels: for convs whose weight is known, else ``None``.
         blur: path of the ``Blur`` module the rewrite inserted, if any.
         blurred_module: the op's module was replaced by a blurred version of itself that

@@ -40,6 +40,7 @@ from fxblur.passes import (
     BlurAvgPools,
     BlurMaxPools,
     BlurStridedConvs,
+    BlurSubsampling,
     CircularPadding,
     PolyphaseSampling,
     RecordAntiAliasing,
@@ -65,6 +66,7 @@ def transform(
     replace_convs: bool | None = None,
     replace_maxpools: bool | None = None,
     replace_avgpools: bool | None = None,
+    replace_subsampling: bool | None = None,
     blur_first: bool | None = None,
     past_nonlinearity: bool | None = None,
     pool_blur_first: bool | None = None,
@@ -103,7 +105,10 @@ def transform(
             options given explicitly override it.
         replace_convs: [True] blur strided convolutions (``nn.Conv1d/2d/3d``, ``F.conv2d``...).
         replace_maxpools: [True] blur strided max pools.
-        replace_avgpools: [False] blur strided average pools.
+        replace_avgpools: [False] blur strided average pools (and LP pools).
+        replace_subsampling: [False] blur the other downsamplers: strided slices
+            (``x[..., ::2, ::2]``, patch merging), ``pixel_unshuffle`` and interpolation by a
+            scale below 1 (``fxblur.passes.BlurSubsampling``).
         blur_first: [True] ``True`` blurs at stride 1 before the op, which keeps its
             stride (cheapest); ``False`` runs the op at stride 1 and lets the blur subsample.
         past_nonlinearity: [False] strided convs run at stride 1 and the subsampling blur
@@ -123,8 +128,8 @@ def transform(
         polyphase: [False] subsample every downsampling op by adaptive polyphase sampling
             instead of at a fixed phase, in the placement the options ask for (the blur
             becomes optional: ``filter_size=1`` is APS without one); ops whose results meet
-            share one phase. ``min_channels`` then defaults to 0 and ``replace_avgpools`` to
-            ``True``. See ``fxblur.passes.PolyphaseSampling``.
+            share one phase. ``min_channels`` then defaults to 0, ``replace_avgpools`` and
+            ``replace_subsampling`` to ``True``. See ``fxblur.passes.PolyphaseSampling``.
         polyphase_norm: ["l2"] the norm that picks the phase: ``"l2"``, ``"l1"`` or ``"linf"``.
         circular_padding: [False] convs, pools and blurs pad circularly (keeping every
             size): with ``polyphase``, what exact invariance to circular shifts needs.
@@ -176,6 +181,7 @@ def transform(
         replace_convs=replace_convs,
         replace_maxpools=replace_maxpools,
         replace_avgpools=replace_avgpools,
+        replace_subsampling=replace_subsampling,
         blur_first=blur_first,
         past_nonlinearity=past_nonlinearity,
         pool_blur_first=pool_blur_first,
@@ -301,6 +307,7 @@ def _run_passes(
         (options.replace_convs, BlurStridedConvs),
         (options.replace_maxpools, BlurMaxPools),
         (options.replace_avgpools, BlurAvgPools),
+        (options.replace_subsampling, BlurSubsampling),
     )
     passes = [make(options, context) for wanted, make in kinds if wanted]
     if options.polyphase:

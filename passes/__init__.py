@@ -14,12 +14,14 @@ from fxblur.passes.context import Realization, RewriteContext
 from fxblur.passes.max_pool import BlurMaxPools
 from fxblur.passes.polyphase import PolyphaseSampling
 from fxblur.passes.strided_conv import BlurStridedConvs
+from fxblur.passes.subsampling import BlurSubsampling
 from fxblur.passes.window_pass import Plan, WindowOpPass
 
 __all__ = [
     "BlurAvgPools",
     "BlurMaxPools",
     "BlurStridedConvs",
+    "BlurSubsampling",
     "CircularPadding",
     "Plan",
     "PolyphaseSampling",

@@ -25,7 +25,7 @@ class BlurAvgPools(WindowOpPass):
         True
     """
 
-    kind = "avg_pool"
+    kinds = ("avg_pool", "lp_pool")
 
     def skip_reason(self, op: WindowOp, gm: fx.GraphModule, context: RewriteContext) -> str:
         reason = super().skip_reason(op, gm, context)

@@ -88,12 +88,15 @@ class CircularPadding(PassBase):
         pad = insert_before(op.node, pad_window_circularly, (op.input, *geometry, was is not None))
         replace_uses(op.input, pad, only=[op.node])
         if op.module is None:
-            set_call_argument(op.node, "padding", zeros)
+            if op.kind != "lp_pool":  # LP pools have no padding
+                set_call_argument(op.node, "padding", zeros)
             if op.ceil_mode:
                 set_call_argument(op.node, "ceil_mode", False)
         else:
-            padding = tuple(zeros) if isinstance(op.module.padding, tuple) else 0
-            context.configure(op.module, padding=padding, **({"ceil_mode": False} if op.kind != "conv" else {}))
+            settings = {"ceil_mode": False} if op.kind != "conv" else {}
+            if hasattr(op.module, "padding"):  # LP pools have none
+                settings["padding"] = tuple(zeros) if isinstance(op.module.padding, tuple) else 0
+            context.configure(op.module, **settings)
 
 
 def _pads(op: WindowOp) -> bool:

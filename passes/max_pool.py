@@ -33,7 +33,7 @@ class BlurMaxPools(WindowOpPass):
         True
     """
 
-    kind = "max_pool"
+    kinds = ("max_pool",)
 
     def skip_reason(self, op: WindowOp, gm: fx.GraphModule, context: RewriteContext) -> str:
         reason = super().skip_reason(op, gm, context)

@@ -44,11 +44,14 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxblur.analysis.phase_groups import GroupProblem, PhaseGroup, phase_groups
+from fxblur.analysis.subsampling import SubsamplingOp, change_of_subsampling, read_subsampling
 from fxblur.analysis.window_ops import WindowOp, change_of, read_window_op
+from fxblur.ops.along import phase_along, roll_along
 from fxblur.ops.polyphase import phase_of, roll_to_phase, select_phase
 from fxblur.options import BlurOptions
 from fxblur.passes.context import Realization, RewriteContext
 from fxblur.passes.edit import add_submodule, insert_after, insert_before, replace_uses
+from fxblur.passes.subsampling import BlurSubsampling, blur_node
 from fxblur.passes.window_pass import Plan, WindowOpPass
 from fxblur.record import Action, Change, PhaseGroupRecord, log_decision, log_phase_group
 from fxblur.trace.calls import Call, call_of, nodes_in
@@ -82,16 +85,19 @@ class PolyphaseSampling(PassBase):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         context = self.context or RewriteContext([graph_module])
         members = []
+        subsampling = next((k for k in self.kinds if isinstance(k, BlurSubsampling)), None)
         for node in list(graph_module.graph.nodes):
             op = read_window_op(node, graph_module)
-            kind = next((k for k in self.kinds if op is not None and k.kind == op.kind), None)
-            if kind is None or not op.downsamples:
+            kind = next((k for k in self.kinds if op is not None and op.kind in k.kinds), None)
+            if op is None and subsampling is not None:
+                op, kind = read_subsampling(node, graph_module), subsampling
+            if op is None or kind is None or not op.downsamples:
                 continue
             plan = kind.plan(op, graph_module, context)
             if plan.placement is not None:
                 members.append(_Member(op, plan, kind))
             else:
-                log_decision(graph_module, change_of(op, Action.SKIPPED, plan.reason))
+                log_decision(graph_module, _record(op, Action.SKIPPED, plan.reason))
         by_node = {member.op.node: member for member in members}
         for group in phase_groups([member.op for member in members], graph_module):
             self._rewrite_group(graph_module, group, [by_node[op.node] for op in group.members], context)
@@ -146,6 +152,14 @@ class PolyphaseSampling(PassBase):
         if placement is Action.PHASE_SUBSAMPLE_BEFORE and phase is not None:
             moved, blur_path = self._subsample_at(gm, op, phase, where, context)
             added += [moved.args[0]] if moved.op == "call_module" else []
+        elif isinstance(op, SubsamplingOp):  # along its own axes, of a map of any rank
+            blurred, blur_path = self._blur(gm, op, source, op.node, before=True, where=where, context=context)
+            added += [blurred] if blurred is not source else []
+            if phase is None:
+                norm = self.options.polyphase_norm
+                phase = insert_before(op.node, phase_along, (blurred, op.axes, list(op.stride), norm), where=where)
+                added.append(phase)
+            moved = insert_before(op.node, roll_along, (blurred, op.axes, phase), where=where)
         else:
             blurred, blur_path = self._blur(gm, op, source, op.node, before=True, where=where, context=context)
             added += [blurred] if blurred is not source else []
@@ -158,7 +172,7 @@ class PolyphaseSampling(PassBase):
             else:
                 moved = insert_before(op.node, select_phase, (blurred, phase, list(op.stride)), where=where)
         replace_uses(source, moved, only=[op.node])
-        return change_of(op, placement, blur=blur_path, input_node=source, added=(*added, moved)), phase
+        return _record(op, placement, blur=blur_path, input_node=source, added=(*added, moved)), phase
 
     def _phase_after(
         self, gm: fx.GraphModule, member: _Member, placement: Action, phase: fx.Node | None, context: RewriteContext
@@ -203,6 +217,8 @@ class PolyphaseSampling(PassBase):
         taps = self.options.filter_taps(op.stride)
         if all(t == 1 for t in taps):
             return value, None
+        if isinstance(op, SubsamplingOp):
+            return blur_node(op, value, self.options), None
         blur = self.kinds[0].blur(op, stride or (1,) * op.dims)
         path = add_submodule(gm, where or anchor, op.target, blur, context.frozen)
         insert = insert_before if before else insert_after
@@ -224,16 +240,24 @@ class PolyphaseSampling(PassBase):
 
     def _phase_at_source(self, gm: fx.GraphModule, group: PhaseGroup, members: list[_Member]) -> fx.Node:
         """The group's phase, chosen once on its source, in the module call that holds all its ops."""
-        stride = list(members[0].op.stride)
+        op, norm = members[0].op, self.options.polyphase_norm
         source = self._replaced.get(group.source, group.source)  # an earlier group may have selected it
         where = [member.op.node for member in members]
-        return insert_after(source, phase_of, (source, stride, self.options.polyphase_norm), where=where)
+        if isinstance(op, SubsamplingOp):
+            return insert_after(source, phase_along, (source, op.axes, list(op.stride), norm), where=where)
+        return insert_after(source, phase_of, (source, list(op.stride), norm), where=where)
 
     def _may_run_at_stride_one(self, member: _Member, context: RewriteContext) -> bool:
         op = member.op
         if op.module is None:
             return True
         return member.kind.realization(op, context) in (Realization.STRIDE_ONE, Realization.MODULE)
+
+
+def _record(op: WindowOp | SubsamplingOp, action: Action, reason: str = "", **found) -> Change:
+    if isinstance(op, SubsamplingOp):
+        return change_of_subsampling(op, action, reason, blur=found.get("blur"), added=found.get("added", ()))
+    return change_of(op, action, reason, **found)
 
 
 def _only_hands_on(op: WindowOp, phase: fx.Node) -> bool:

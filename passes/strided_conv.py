@@ -35,7 +35,7 @@ class BlurStridedConvs(WindowOpPass):
         True
     """
 
-    kind = "conv"
+    kinds = ("conv",)
 
     def rewrites(self) -> dict[Action, Rewrite]:
         return {**super().rewrites(), Action.BLUR_PAST_NONLINEARITY: self.blur_past_nonlinearity}

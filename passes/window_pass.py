@@ -66,7 +66,7 @@ class Plan:
 
 
 class WindowOpPass(PassBase):
-    """Blur every downsampling op of ``kind`` (``"conv"``, ``"max_pool"``, ...) in a graph.
+    """Blur every downsampling op of the kinds in ``kinds`` (``"conv"``, ``"max_pool"``, ...) in a graph.
 
     Args:
         options: the rewrite options.
@@ -74,7 +74,7 @@ class WindowOpPass(PassBase):
             single GraphModule on its own makes one for it.
     """
 
-    kind: str
+    kinds: tuple[str, ...]
 
     def __init__(self, options: BlurOptions, context: RewriteContext | None = None) -> None:
         self.options = options
@@ -93,7 +93,7 @@ class WindowOpPass(PassBase):
         modified = False
         for node in list(graph_module.graph.nodes):
             op = read_window_op(node, graph_module)
-            if op is None or op.kind != self.kind or not op.downsamples:
+            if op is None or op.kind not in self.kinds or not op.downsamples:
                 continue
             plan = self.plan(op, graph_module, context)
             if plan.placement is None:

@@ -13,6 +13,7 @@ import fxblur
 from fxblur import Blur, blur
 from fxblur.ops.ceil_mode import ceil_mode_padding, pad_for_ceil_mode
 from fxblur.ops.filters import binomial_filter
+from fxblur.ops.padding import circular_pad
 from support import examples, needs_cpu_half_padding
 
 
@@ -135,3 +136,22 @@ def test_ceil_mode_padding_gives_a_stride_one_pool_every_ceil_mode_window(size, 
     assert padded.shape[-1] == size + ceil_mode_padding(size, kernel, stride, padding, dilation)
     every_window = torch.nn.functional.max_pool1d(padded, kernel, 1, padding, dilation)
     assert torch.equal(every_window[..., ::stride], expected)
+
+
+@examples(40)
+@given(
+    rank=st.integers(3, 5),
+    axes=st.integers(1, 3),
+    before=st.integers(0, 9),
+    after=st.integers(0, 9),
+    size=st.integers(1, 6),
+)
+def test_circular_padding_of_any_extent_and_any_number_of_axes_wraps_around(rank, axes, before, after, size):
+    axes = min(axes, rank - 1)
+    x = torch.randn(*([2] * (rank - axes)), *([size] * axes))
+    padded = circular_pad(x, [before, after] * axes)
+    index = torch.arange(-before, size + after) % size
+    expected = x
+    for axis in range(rank - axes, rank):
+        expected = expected.index_select(axis, index)
+    assert torch.equal(padded, expected)

@@ -59,12 +59,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.stochastic_depth import stochastic_depth
 
-from fxblur._compat import AVG_POOL_BASE, BATCH_NORM_BASE, CONV_BASE, MAX_POOL_BASE
+from fxblur._compat import AVG_POOL_BASE, BATCH_NORM_BASE, CONV_BASE, LP_POOL_BASE, MAX_POOL_BASE
 from fxblur.analysis.equivariance import CONSTANT, Analysis, Axis, Break, BreakKind, Kind, Phase, Value, broken
 from fxblur.analysis.pointwise import FUNCTIONS as POINTWISE_FUNCTIONS
 from fxblur.analysis.pointwise import MODULES as POINTWISE_MODULES
+from fxblur.analysis.subsampling import read_subsampling
 from fxblur.analysis.window_ops import WindowOp, read_window_op
 from fxblur.known_layers import norm_act, pads_as_configured
+from fxblur.ops.along import blur_along, phase_along, roll_along
 from fxblur.ops.blur_module import Blur
 from fxblur.ops.blurred import BlurredOp
 from fxblur.ops.ceil_mode import pad_for_ceil_mode, pad_window_circularly
@@ -341,7 +343,9 @@ class _Window:
             out.append((n + sum(c) + sum(o) - d * (k - 1) - 1) // s + 1)
         return (*size[:-dims], *out)
 
-    def apply(self, node: fx.Node, analysis: Analysis, value: Value, size_in, size_out) -> Value:
+    def apply(self, node: fx.Node, analysis: Analysis, value: Value, size_in, size_out, axes=None) -> Value:
+        """``value`` through this window op; it slides over ``axes`` (default: the last ones)."""
+
         def fail(kind: BreakKind, why: str) -> Value:
             return broken(_break(node, analysis, kind, why))
 
@@ -349,7 +353,7 @@ class _Window:
         if size_in is None or size_out is None or len(size_in) < dims + 1:
             return fail(BreakKind.UNKNOWN, "its input or output has no shape")
         rank = len(size_in)
-        op_axes = tuple(range(rank - dims, rank))
+        op_axes = tuple(range(rank - dims, rank)) if axes is None else tuple(a % rank for a in axes)
         if len(value.axes) != dims or any(p is not None and p not in op_axes for p in value.positions):
             return fail(BreakKind.LAYOUT, "slides its window over axes that are not the input's spatial axes")
         stride, positions = [1] * dims, list(value.positions)
@@ -438,6 +442,97 @@ def _max_pool_stride_one(node: fx.Node, analysis: Analysis) -> Value:
     dims = len(kernel)
     step = _Window(kernel, dilation, (1,) * dims, [(0, 0)] * dims, [(p, p) for p in padding], False, "with -inf", True)
     return step.apply(node, analysis, analysis.values[x], _shape(x), _shape(node))
+
+
+def _blur_along(node: fx.Node, analysis: Analysis) -> Value:
+    """``blur_along(x, axes, taps, padding_mode)``: a stride-1 blur along ``axes`` (every spatial axis for ``None``).
+
+    Along the map's other spatial axes it is a window of one tap, so it slides over all of them.
+    """
+    source, axes, taps, mode = node.args[:4]
+    rank, value = _rank(source), analysis.values[source]
+    axes = tuple(range(2, rank)) if axes is None else tuple(a % rank for a in axes)
+    taps = [taps] * len(axes) if isinstance(taps, int) else list(taps)
+    spatial = sorted({p for p in value.positions if p is not None} | set(axes))
+    taps_of = dict(zip(axes, taps, strict=True))
+    taps = [taps_of.get(a, 1) for a in spatial]
+    padding = [((t - 1) // 2, t - 1 - (t - 1) // 2) for t in taps]
+    none = [(0, 0)] * len(spatial)
+    circular = mode == "circular"
+    step = _Window(taps, (1,) * len(spatial), (1,) * len(spatial), padding if circular else none,
+                   none if circular else padding, False, _PADDING_WORDS[mode])  # fmt: skip
+    return step.apply(node, analysis, value, _shape(source), _shape(node), tuple(spatial))
+
+
+def _space_to_depth(node: fx.Node, analysis: Analysis) -> Value:
+    """``pixel_unshuffle``: the phases of each block become channels, so it subsamples the last two axes."""
+    return _subsampler(node, analysis)
+
+
+def _interpolate(node: fx.Node, analysis: Analysis) -> Value:
+    """Interpolation by a scale below 1 whose inverse is whole: nearest, linear (``align_corners=False``) and area
+    take each output from a window at a fixed place in its block, so they subsample at a fixed phase; bicubic
+    reads past the border, which it clamps. Anything else (sizes, scales above 1) has no rule here."""
+    op = read_subsampling(node, analysis.graph_module)
+    arguments = dict(zip(("input", "size", "scale_factor", "mode", "align_corners"), node.args, strict=False))
+    arguments |= node.kwargs
+    if node.op == "call_module":
+        module = analysis.graph_module.get_submodule(node.target)
+        arguments |= {"mode": module.mode, "align_corners": module.align_corners}
+    if op is None:
+        why = "interpolates on a fixed grid (to a size, or by a scale above 1)"
+        return broken(_break(node, analysis, BreakKind.UPSAMPLING, why))
+    mode = arguments.get("mode", "nearest")
+    if mode not in ("nearest", "nearest-exact", "area") and (mode not in _LINEAR or arguments.get("align_corners")):
+        why = f"interpolates ({mode}, align_corners={arguments.get('align_corners')}) reading past the map's border"
+        return broken(_break(node, analysis, BreakKind.PADDING, why))
+    return _subsampler(node, analysis)
+
+
+_LINEAR = ("linear", "bilinear", "trilinear")
+
+
+def _subsampler(node: fx.Node, analysis: Analysis) -> Value:
+    """A subsampling by the op's stride along its axes (``fxblur.analysis.subsampling``), at its aligned phase or a
+    fixed one; its axes must be the map's spatial axes and their sizes multiples of the stride."""
+    op = read_subsampling(node, analysis.graph_module)
+    value, size = analysis.values[op.input], _shape(op.input)
+    rank = len(size)
+    axes = tuple(range(2, rank)) if op.axes is None else tuple(a % rank for a in op.axes)
+    stride = op.stride * len(axes) if op.axes is None else op.stride
+    if sorted(p for p in value.positions if p is not None) != sorted(axes):
+        return broken(_break(node, analysis, BreakKind.LAYOUT, "subsamples axes that are not the map's spatial axes"))
+    by_position = dict(zip(axes, stride, strict=True))
+    per_axis = tuple(by_position.get(p, 1) for p in value.positions)
+    if any(p is not None and size[p] % by_position[p] for p in value.positions):
+        return broken(_break(node, analysis, BreakKind.SIZE, "subsamples an axis by a factor that does not divide it"))
+    return _subsample(node, analysis, value, per_axis)
+
+
+def _phase_along(node: fx.Node, analysis: Analysis) -> Value:
+    """``phase_along(x, axes, stride)``: ``phase_of`` on ``x``'s ``axes``; along its other spatial axes, stride 1."""
+    source, axes, stride = node.args[:3]
+    value, rank = analysis.values[source], _rank(source)
+    axes = tuple(range(2, rank)) if axes is None else tuple(a % rank for a in axes)
+    stride = [stride] if isinstance(stride, int) else list(stride)
+    stride = stride * len(axes) if len(stride) == 1 else stride
+    if value.kind is not Kind.SHIFTS or not set(axes) <= {p for p in value.positions if p is not None}:
+        return broken(_break(node, analysis, BreakKind.LAYOUT, "chooses a phase on axes that are not the map's"))
+    if any(_shape(source)[a] % s for a, s in zip(axes, stride, strict=True)):
+        return broken(_break(node, analysis, BreakKind.SIZE, "samples a map by a stride that does not divide it"))
+    stride_of = dict(zip(axes, stride, strict=True))
+    stride = tuple(stride_of.get(p, 1) for p in value.positions)
+    scale = tuple(axis.scale for axis in value.axes)
+    return Value(Kind.PHASE, phase=Phase(node.name, stride, scale, value.phases))
+
+
+def _roll_along(node: fx.Node, analysis: Analysis) -> Value:
+    """``roll_along(x, axes, phase)``: ``x`` aligned to the phase, as ``roll_to_phase`` does on the last axes."""
+    value, phase = analysis.values[node.args[0]], analysis.values[node.args[2]]
+    problem = _phase_problem(value, phase)
+    if problem:
+        return broken(_break(node, analysis, BreakKind.MISALIGNED, problem))
+    return replace(value, aligned=phase.phase)
 
 
 # -- padding --------------------------------------------------------------------------------
@@ -908,8 +1003,10 @@ def _serving(node: fx.Node) -> str | None:
 _MODULE_RULES: list[tuple[type | tuple[type, ...], Rule]] = [
     (BlurredOp, _blurred_op),
     (Blur, _blur),
-    ((CONV_BASE, MAX_POOL_BASE, AVG_POOL_BASE), window),
+    ((CONV_BASE, MAX_POOL_BASE, AVG_POOL_BASE, LP_POOL_BASE), window),
     (_ADAPTIVE, _adaptive_pool),
+    (nn.PixelUnshuffle, _space_to_depth),
+    (nn.Upsample, _interpolate),
     (nn.Linear, _linear),
     (nn.LayerNorm, _layer_norm),
     (_NORM_MODULES, _norm),
@@ -931,6 +1028,12 @@ _FUNCTION_RULES: dict[Callable, Rule] = {
     pad_for_ceil_mode: _pad_for_ceil_mode,
     max_pool_stride_one: _max_pool_stride_one,
     F.pad: _pad,
+    F.pixel_unshuffle: _space_to_depth,
+    torch.pixel_unshuffle: _space_to_depth,
+    F.interpolate: _interpolate,
+    blur_along: _blur_along,
+    phase_along: _phase_along,
+    roll_along: _roll_along,
     torch.flatten: _reshape,
     torch.reshape: _reshape,
     torch.squeeze: _reshape,

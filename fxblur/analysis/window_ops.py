@@ -1,5 +1,7 @@
 """One normalised view of every conv and pool node, module call or functional call.
 
+Convs, max pools, average pools and power-average (LP) pools, in 1-D, 2-D and 3-D.
+
 Passes never parse arguments themselves: ``read_window_op`` binds positional and keyword
 arguments to parameter names, turns ints into per-axis tuples, resolves ``stride=None``
 (and the builtins' ``stride=()``) to the kernel size, and looks up what a module holds.
@@ -49,6 +51,9 @@ _AVG_POOL_DEFAULTS = {
     "divisor_override": None,
 }
 
+_LP_POOL_PARAMETERS = ("input", "norm_type", "kernel_size", "stride", "ceil_mode")
+_LP_POOL_DEFAULTS = {"stride": None, "ceil_mode": False}
+
 
 @dataclass(frozen=True)
 class _Function:
@@ -71,6 +76,7 @@ def _functions() -> dict[Callable, _Function]:
         table[getattr(torch, f"max_pool{dims}d")] = max_pool
         table[getattr(F, f"max_pool{dims}d_with_indices")] = with_indices
         table[getattr(F, f"avg_pool{dims}d")] = avg_pool
+        table[getattr(F, f"lp_pool{dims}d")] = _Function("lp_pool", dims, _LP_POOL_PARAMETERS, _LP_POOL_DEFAULTS)
     for dims, builtin in enumerate(WITH_INDICES_BUILTINS, start=1):
         table[builtin] = table[getattr(F, f"max_pool{dims}d_with_indices")]
     return table
@@ -88,6 +94,9 @@ MODULES: dict[type[nn.Module], tuple[str, int]] = {
     nn.AvgPool1d: ("avg_pool", 1),
     nn.AvgPool2d: ("avg_pool", 2),
     nn.AvgPool3d: ("avg_pool", 3),
+    nn.LPPool1d: ("lp_pool", 1),
+    nn.LPPool2d: ("lp_pool", 2),
+    nn.LPPool3d: ("lp_pool", 3),
 }
 
 
@@ -154,8 +163,8 @@ def _read_module_call(node: fx.Node, module: nn.Module) -> WindowOp | None:
     custom_forward = type(module).forward is not base.forward
     common = {
         "kernel_size": expand_to_axes(module.kernel_size, dims),
-        "stride": expand_to_axes(module.stride, dims),
-        "dilation": expand_to_axes(getattr(module, "dilation", 1), dims),  # avg pools have none
+        "stride": _module_stride(module, dims),
+        "dilation": expand_to_axes(getattr(module, "dilation", 1), dims),  # avg and LP pools have none
         "module": module,
     }
     if kind == "conv":
@@ -177,7 +186,7 @@ def _read_module_call(node: fx.Node, module: nn.Module) -> WindowOp | None:
         kind,
         dims,
         node.target,
-        padding=expand_to_axes(module.padding, dims),
+        padding=expand_to_axes(getattr(module, "padding", 0), dims),  # LP pools have none
         ceil_mode=bool(module.ceil_mode),
         return_indices=bool(getattr(module, "return_indices", False)),
         custom_forward=custom_forward,
@@ -219,12 +228,17 @@ def _read_function_call(node: fx.Node, function: _Function, root: nn.Module) -> 
         node.meta.get(SITE, node.name),
         kernel_size=kernel_size,
         stride=kernel_size if stride is None or stride in ((), []) else expand_to_axes(stride, dims),
-        padding=expand_to_axes(arguments["padding"], dims),
+        padding=expand_to_axes(arguments.get("padding", 0), dims),
         dilation=expand_to_axes(arguments.get("dilation", 1), dims),
         ceil_mode=bool(arguments["ceil_mode"]),
         return_indices=function.returns_indices or bool(arguments.get("return_indices", False)),
         arguments=arguments,
     )
+
+
+def _module_stride(module: nn.Module, dims: int) -> tuple[int, ...]:
+    """A module's stride per axis; an LP pool's ``stride=None`` is its kernel size."""
+    return expand_to_axes(module.kernel_size if module.stride is None else module.stride, dims)
 
 
 def expand_to_axes(value: int | tuple[int, ...] | list[int], dims: int) -> tuple[int, ...]:
@@ -295,7 +309,7 @@ def skipped_module(module: nn.Module, target: str, reason: str) -> Change | None
     if base is None:
         return None
     kind, dims = MODULES[base]
-    stride = expand_to_axes(module.stride, dims)
+    stride = _module_stride(module, dims)
     if not any(s > 1 for s in stride):
         return None
     return Change(

@@ -57,13 +57,14 @@ def pad(x: torch.Tensor, padding: list[tuple[int, int]], padding_mode: str) -> t
 def circular_pad(x: torch.Tensor, flat: list[int]) -> torch.Tensor:
     """``F.pad(x, flat, mode="circular")`` (``flat`` in its order: the last axis first), for any amounts.
 
-    Where an amount exceeds its axis (a dilated conv on a small map), the axis is indexed
-    modulo its size, wrapping around as often as needed; elsewhere ``F.pad`` pads, in one copy.
+    Where an amount exceeds its axis (a dilated conv on a small map), or where ``F.pad`` takes
+    no padding of so few axes (one axis of a 4-D map), the axis is indexed modulo its size,
+    wrapping around as often as needed; elsewhere ``F.pad`` pads, in one copy.
     Every padded sample is a copy of one input sample: the padding commutes bitwise with a
     circular shift. Written in TorchScript's subset of Python.
     """
     axes = len(flat) // 2
-    small = True
+    small = x.dim() - axes <= 2  # F.pad pads the last 1-3 axes of a map with at most 2 others
     for i in range(axes):
         if max(flat[2 * i], flat[2 * i + 1]) > x.shape[x.dim() - 1 - i]:
             small = False

@@ -28,13 +28,13 @@ from collections.abc import Iterable
 import torch.fx as fx
 from torch import nn
 
-from fxblur._compat import AVG_POOL_BASE, CONV_BASE, MAX_POOL_BASE, timm_fx_registrations
+from fxblur._compat import AVG_POOL_BASE, CONV_BASE, LP_POOL_BASE, MAX_POOL_BASE, timm_fx_registrations
 from fxblur.known_layers import anti_aliasing, norm_act
 from fxblur.ops.blur import blur
 from fxblur.ops.blur_module import Blur
 from fxblur.ops.polyphase import phase_of, roll_to_phase, select_phase
 
-ALWAYS_LEAVES = (CONV_BASE, MAX_POOL_BASE, AVG_POOL_BASE, Blur)
+ALWAYS_LEAVES = (CONV_BASE, MAX_POOL_BASE, AVG_POOL_BASE, LP_POOL_BASE, Blur)
 FXBLUR_OPS = (blur, phase_of, roll_to_phase, select_phase)  # functions the tracer keeps as calls
 
 
