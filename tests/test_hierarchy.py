@@ -131,7 +131,8 @@ def test_hooks_of_the_original_are_carried_and_never_run_while_tracing():
         torch.testing.assert_close(gm(x), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
         assert len(seen) == 4 and all(isinstance(value, torch.Tensor) for value in seen)
         torch.testing.assert_close(seen[0], seen[2])  # the block's input, through the root's pre-hook
-        torch.testing.assert_close(seen[1], seen[3])  # layer3's output
+        scale = seen[1].abs().max().item()  # layer3's output, to the rounding of stride-1 convs
+        torch.testing.assert_close(seen[1], seen[3], rtol=1e-4, atol=1e-5 * scale)
         seen.clear()
 
 
