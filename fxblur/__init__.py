@@ -9,6 +9,7 @@ Example:
 
 from fxblur.assemble.graph_module import BakedAttributeWarning
 from fxblur.assemble.hooks import HookWarning
+from fxblur.evaluation.invariance import check_invariance
 from fxblur.known_layers import trust_forward
 from fxblur.ops.blur import blur
 from fxblur.ops.blur_module import Blur
@@ -30,6 +31,7 @@ __all__ = [
     "UntraceableModelError",
     "blur",
     "changes",
+    "check_invariance",
     "record_of",
     "report",
     "transform",

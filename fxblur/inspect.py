@@ -82,6 +82,9 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument("--polyphase-norm", choices=NORMS, help="l2, l1 or linf (l2)")
     options.add_argument("--circular-padding", const=True, **flag, help="pad convs, pools and blurs circularly")
     options.add_argument("--leaf-module", action="append", default=[], metavar="PATH", help="call whole; repeat")
+    options.add_argument(
+        "--partial", action="store_true", help="rewrite the traceable parts (strict=False): detectors"
+    )
     output = p.add_argument_group("output")
     output.add_argument("--input-size", type=int, nargs="+", default=[224], metavar="SIZE", help="H [W], default 224")
     output.add_argument("--frames", type=int, default=16, metavar="T", help="frames for video models (default 16)")
@@ -120,17 +123,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NoEffectWarning)  # the report says it in words
-            gm = transform(model, preset=args.preset, leaf_modules=args.leaf_module, verbose=False, **options)
+            gm = transform(
+                model, preset=args.preset, leaf_modules=args.leaf_module, strict=not args.partial, verbose=False,
+                **options,
+            )  # fmt: skip
     except ValueError as error:
         if isinstance(error, UntraceableModelError):
-            return _fail(str(error))
+            return _fail(f"{error}\nHint: --partial rewrites the parts of it that can be traced (strict=False)")
         p.error(str(error))
-    shape = example_shape(model, args.input_size, args.frames)
+    shape = None if args.partial else example_shape(model, args.input_size, args.frames)
     try:
         the_report = report(gm, shape)
     except Exception as error:  # the model itself cannot run on such an input (too small, wrong channels)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        p.error(f"{args.model} cannot run on a {'x'.join(map(str, shape))} input: {reason}")
+        p.error(f"{args.model} cannot run on a {'x'.join(map(str, shape or ()))} input: {reason}")
     code = _code(model, gm, args.show_code, args.leaf_module) if args.show_code else None
     if args.format == "json":
         data = json.loads(the_report.json())

@@ -1,6 +1,6 @@
 """``BlurPoolCallback``: BlurPool for a PyTorch Lightning model, applied when the Trainer sets up.
 
-PyTorch Lightning is optional (``pip install 'fxblur[lightning]'``); ``import fxblur`` never
+PyTorch Lightning is optional (``pip install '.[lightning]'`` from a clone); ``import fxblur`` never
 imports it, only ``import fxblur.lightning`` does.
 
 The callback rewrites the networks a ``LightningModule`` holds in its ``setup`` hook,

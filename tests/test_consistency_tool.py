@@ -98,7 +98,7 @@ def test_plot_without_matplotlib_is_a_usage_error(monkeypatch, capsys, tmp_path)
     with pytest.raises(SystemExit) as exit_:
         tool().main([SMALL, *TINY, "--plot", str(tmp_path / "x.png")])
     assert exit_.value.code == 2
-    assert "pip install 'fxblur[plot]'" in capsys.readouterr().err
+    assert "pip install -e '.[plot]'" in capsys.readouterr().err
 
 
 def test_unknown_model_is_a_usage_error_with_close_names(capsys):

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -116,6 +117,16 @@ def test_untraceable_model_exits_1_with_a_message_not_a_traceback(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "could not trace Gated" in result.stderr and "concrete_args" in result.stderr
+    assert "--partial" in result.stderr  # the flag that rewrites what can be traced
+
+
+def test_partial_previews_a_detectors_backbone_as_the_detection_guide_shows(capsys):
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "detection.md").read_text()
+    excerpt = guide.split("```\n$ python -m fxblur.inspect fasterrcnn_resnet50_fpn --partial\n")[1].split("```")[0]
+    assert main(["fasterrcnn_resnet50_fpn", "--partial"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    for line in excerpt.strip().splitlines():
+        assert line == "..." or line in printed, line
 
 
 @pytest.mark.parametrize(

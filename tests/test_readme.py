@@ -1,4 +1,4 @@
-"""Numbers in the README come from the code: recompute them."""
+"""Numbers and tables in the README and docs/ come from the code: recompute them."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import re
 from pathlib import Path
 
 import fxblur
+from fxblur.inspect import parser
 from fxblur.models import build
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+PLACEMENTS_GUIDE = ROOT / "docs" / "placements.md"
 PLACEMENTS = {
     "blur before (default)": {},
     "blur after (`blur_first=False`)": {"blur_first": False},
@@ -20,14 +23,14 @@ PLACEMENTS = {
 }
 
 
-def table_rows(marker: str) -> list[list[str]]:
-    text = README.read_text()
+def table_rows(marker: str, document: Path = README) -> list[list[str]]:
+    text = document.read_text()
     block = re.search(f"<!-- {marker} -->\n(.*?)<!-- /{marker} -->", text, re.S).group(1)
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in block.strip().splitlines()[2:]]
 
 
 def test_placement_cost_table_matches_the_report():
-    rows = table_rows("placement-costs")
+    rows = table_rows("placement-costs", PLACEMENTS_GUIDE)
     assert [row[0] for row in rows] == list(PLACEMENTS)
     for label, extra_macs, overhead, memory in rows:
         report = fxblur.report(
@@ -47,3 +50,11 @@ def test_quick_start_excerpt_is_real_output(capsys):
     excerpt = README.read_text().split("```\ntarget")[1].split("```")[0]
     for line in ("target" + excerpt).strip().splitlines():
         assert line == "..." or line in printed, line
+
+
+def test_cli_table_names_every_option_of_inspect_and_no_other():
+    documented = set()
+    for row in table_rows("cli"):
+        documented |= set(re.findall(r"`(--[a-z-]+)", row[0]))
+    options = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", parser().format_help())) - {"--help"}
+    assert documented == options

@@ -247,7 +247,7 @@ def _pyplot(p: argparse.ArgumentParser):
     try:
         matplotlib = importlib.import_module("matplotlib")
     except ImportError:
-        p.error("--plot needs matplotlib: pip install 'fxblur[plot]'")
+        p.error("--plot needs matplotlib: pip install -e '.[plot]' from a clone")
     matplotlib.use("Agg")
     return importlib.import_module("matplotlib.pyplot")
 
