@@ -7,6 +7,11 @@ a stride-1 blur in front of an op needs nothing from its ``forward``. Running on
 ``forward`` that honours the module's ``stride`` attribute: the classes named in
 ``TRUSTED_FORWARDS`` do, and ``trust_forward`` declares your own.
 
+How such a subclass pads matters for circular padding and the equivariance analysis:
+timm's ``StdConv2d`` family pads with zeros by ``padding`` whatever ``padding_mode`` says
+(``PADS_WITH_ZEROS``), and its ``*Same`` layers pad 'same' at run time
+(``PADS_SAME_AT_RUN_TIME``); ``circular_padding=True`` pads their input instead.
+
 Layers that already anti-alias (a blur with a stride: timm's ``BlurPool2d``,
 antialiased-cnns' ``BlurPool``, kornia's ``BlurPool2D`` and ``MaxBlurPool2D``, Composer's
 blur layers) are called whole, never traced into and never blurred again; an op they feed
@@ -65,6 +70,26 @@ PADS_AS_CONFIGURED: set[str] = {
     "fxblur.ops.max_pool.StrideOneMaxPool3d",
 }
 
+# Conv subclasses whose forward pads with zeros by ``padding`` whatever ``padding_mode`` says
+# (timm's weight-standardised convs): circular padding pads their input instead.
+PADS_WITH_ZEROS: set[str] = {
+    "timm.layers.std_conv.StdConv2d",
+    "timm.layers.std_conv.StdConv2dSame",
+    "timm.layers.std_conv.ScaledStdConv2d",
+    "timm.layers.std_conv.ScaledStdConv2dSame",
+}
+
+# Layers that pad 'same' at run time as TensorFlow does (from the input's size, fewer samples
+# before than after), with zeros or -inf: by class, the attribute that turns it on (``None``:
+# always on; the layer is then its torch.nn base class after that padding).
+PADS_SAME_AT_RUN_TIME: dict[str, str | None] = {
+    "timm.layers.conv2d_same.Conv2dSame": None,
+    "timm.layers.std_conv.StdConv2dSame": "same_pad",
+    "timm.layers.std_conv.ScaledStdConv2dSame": "same_pad",
+    "timm.layers.pool2d_same.MaxPool2dSame": None,
+    "timm.layers.pool2d_same.AvgPool2dSame": None,
+}
+
 # Norms with an activation that other libraries fuse into one module: called whole, since
 # their forward updates buffers in place while it runs (timm's BatchNormAct2d counts batches
 # with num_batches_tracked.add_(1), which a trace would run on the model's own buffer and not
@@ -109,6 +134,25 @@ def trusts_forward(cls: type) -> bool:
 def pads_as_configured(cls: type) -> bool:
     """Whether ``cls``'s own ``forward`` pads as its ``padding`` and ``padding_mode`` say (``PADS_AS_CONFIGURED``)."""
     return _name(cls) in PADS_AS_CONFIGURED
+
+
+def pads_with_zeros(cls: type) -> bool:
+    """Whether ``cls``'s own ``forward`` pads with zeros by ``padding``, whatever its ``padding_mode``."""
+    return _name(cls) in PADS_WITH_ZEROS
+
+
+def pads_same_at_run_time(module: nn.Module) -> bool:
+    """Whether ``module`` pads 'same' at run time, TensorFlow's way (``PADS_SAME_AT_RUN_TIME``)."""
+    name = _name(type(module))
+    if name not in PADS_SAME_AT_RUN_TIME:
+        return False
+    switch = PADS_SAME_AT_RUN_TIME[name]
+    return switch is None or bool(getattr(module, switch))
+
+
+def same_padding_switch(module: nn.Module) -> str | None:
+    """The attribute that turns off ``module``'s run-time 'same' padding, or ``None`` where only its base class can."""
+    return PADS_SAME_AT_RUN_TIME[_name(type(module))]
 
 
 def norm_act(module: nn.Module) -> str | None:

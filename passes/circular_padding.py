@@ -14,7 +14,13 @@ polyphase sampling then makes it invariant only away from the borders. With
   at ``padding=0``, so that its output keeps its size; a pool run at stride 1 whose
   ``ceil_mode`` windows were kept with ``-inf`` samples wraps around instead;
 
-(blurs pad circularly through ``padding_mode``). A conv that crops (``padding=0`` with a
+(blurs pad circularly through ``padding_mode``). Layers of other libraries that pad
+with zeros whatever ``padding_mode`` says (``fxblur.known_layers``: timm's ``StdConv2d``)
+read a circularly padded input at ``padding=0``, and those that pad 'same' at run time
+(timm's ``Conv2dSame``, ``MaxPool2dSame``) read one padded 'same' circularly
+(``pad_same_circularly``) and pad nothing themselves. A padding layer that pads otherwise (``nn.ConstantPad2d``,
+``nn.ReflectionPad2d``) and only feeds convs and pools pads circularly instead
+(``fxblur.ops.circular.CircularPad``), as their own padding would. A conv that crops (``padding=0`` with a
 kernel above 1, or ``"valid"``) is left as it is, and so is a module that code outside the
 graph also calls; the equivariance analysis (``fxblur.analysis.equivariance``) then names
 each where it stops a model from being exactly equivariant.
@@ -34,11 +40,13 @@ Example:
 from __future__ import annotations
 
 import torch.fx as fx
+from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxblur.analysis.window_ops import WindowOp, read_window_op, set_call_argument
-from fxblur.ops.ceil_mode import pad_for_ceil_mode, pad_window_circularly
-from fxblur.ops.circular import CIRCULAR_CLASSES, circular_conv
+from fxblur.analysis.window_ops import MODULES, WindowOp, read_window_op, set_call_argument
+from fxblur.known_layers import pads_same_at_run_time, pads_with_zeros, same_padding_switch
+from fxblur.ops.ceil_mode import pad_for_ceil_mode, pad_same_circularly, pad_window_circularly
+from fxblur.ops.circular import CIRCULAR_CLASSES, OTHER_PADDING_LAYERS, circular_conv, circular_padding_layer
 from fxblur.passes.context import RewriteContext
 from fxblur.passes.edit import insert_before, replace_uses, strided_as
 from fxblur.trace.cloning import share_tensors
@@ -59,11 +67,21 @@ class CircularPadding(PassBase):
         context = self.context or RewriteContext([graph_module])
         modified = False
         for node in list(graph_module.graph.nodes):
+            if _pads_ahead_of_window_ops(node, graph_module, context.frozen):
+                module = graph_module.get_submodule(node.target)
+                context.replace(node.target, module, lambda m=module: circular_padding_layer(share_tensors(m)))
+                modified = True
+                continue
             op = read_window_op(node, graph_module)
             was = strided_as(node)
-            if op is None or not (was or _pads(op)):
+            if op is None:
                 continue
-            if _left_as_it_is(op, context.frozen, was):
+            if op.module is not None and pads_same_at_run_time(op.module):
+                if id(op.module) not in context.frozen:
+                    self._pad_same_before(op, was, context)
+                    modified = True
+                continue
+            if not (was or _pads(op)) or _left_as_it_is(op, context.frozen, was):
                 continue
             if was and _is_ceil_mode_padding(op.input):  # wrap around instead of -inf samples
                 ceil_padding = op.input
@@ -71,7 +89,7 @@ class CircularPadding(PassBase):
                 graph_module.graph.erase_node(ceil_padding)
             if op.kind == "conv" and op.module is not None and _same(op) and type(op.module) in CIRCULAR_CLASSES:
                 context.replace(op.target, op.module, lambda op=op: circular_conv(share_tensors(op.module)))
-            elif op.kind == "conv" and op.module is not None and _same(op):  # blurred or of another library
+            elif op.kind == "conv" and op.module is not None and _same(op) and not pads_with_zeros(type(op.module)):
                 context.configure(op.module, padding_mode="circular")
             else:
                 self._pad_before(op, was, context)
@@ -79,6 +97,18 @@ class CircularPadding(PassBase):
         if self.context is None:
             context.install(graph_module)
         return PassResult(graph_module, modified)
+
+    def _pad_same_before(self, op: WindowOp, was: tuple | None, context: RewriteContext) -> None:
+        """Feed ``op``, a layer that pads 'same' at run time, an input padded so circularly; it then pads nothing."""
+        stride = was[0] if was else op.stride
+        geometry = (list(op.kernel_size), list(stride), list(op.dilation), was is not None)
+        pad = insert_before(op.node, pad_same_circularly, (op.input, *geometry))
+        replace_uses(op.input, pad, only=[op.node])
+        switch = same_padding_switch(op.module)
+        if switch is not None:
+            context.configure(op.module, **{switch: False})
+        else:
+            context.replace(op.target, op.module, lambda: _as_base_class(op))
 
     def _pad_before(self, op: WindowOp, was: tuple | None, context: RewriteContext) -> None:
         """Feed ``op`` a circularly padded input and make it pad nothing itself."""
@@ -97,6 +127,23 @@ class CircularPadding(PassBase):
             if hasattr(op.module, "padding"):  # LP pools have none
                 settings["padding"] = tuple(zeros) if isinstance(op.module.padding, tuple) else 0
             context.configure(op.module, **settings)
+
+
+def _pads_ahead_of_window_ops(node: fx.Node, graph_module: fx.GraphModule, frozen: frozenset[int]) -> bool:
+    """Whether ``node`` calls a padding layer that does not wrap around and feeds only convs and pools."""
+    if node.op != "call_module":
+        return False
+    module = graph_module.get_submodule(node.target)
+    if not isinstance(module, OTHER_PADDING_LAYERS) or id(module) in frozen or not node.users:
+        return False
+    return all(read_window_op(user, graph_module) is not None for user in node.users)
+
+
+def _as_base_class(op: WindowOp) -> nn.Module:
+    """A copy of ``op``'s module as its torch.nn base class, which pads as ``padding`` says: by nothing here."""
+    module = share_tensors(op.module)
+    module.__class__ = next(cls for cls in MODULES if isinstance(module, cls))
+    return module
 
 
 def _pads(op: WindowOp) -> bool:

@@ -188,6 +188,19 @@ def test_circular_f_pad_before_an_unpadded_conv_is_a_circular_conv_and_other_mod
     assert_breaks(model, BreakKind.PADDING, "pad")
 
 
+@pytest.mark.filterwarnings("ignore::fxblur.NoEffectWarning")  # nothing strided: circular padding only
+def test_padding_layers_pad_as_their_mode_says_and_circular_padding_makes_them_wrap_around():
+    model = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(3, 8, 3), nn.ZeroPad2d(2), nn.Conv2d(8, 8, 5),
+                          nn.CircularPad2d(1), nn.Conv2d(8, 8, 3), Head(8))  # fmt: skip
+    assert_breaks(model, BreakKind.PADDING, "0 (ReflectionPad2d)")
+    gm = fxblur.transform(model, circular_padding=True, verbose=False)
+    padding = [type(gm.get_submodule(path)).__name__ for path in ("0", "2", "4")]
+    assert padding == ["CircularPad", "CircularPad", "CircularPad2d"]
+    assert fxblur.report(gm, SHAPE).verdict.exact
+    assert moves(gm) < 1e-9
+    assert type(model[0]).__name__ == "ReflectionPad2d"  # the original keeps its padding
+
+
 # -- reductions, layout, indexing, joins --------------------------------------------------------------
 
 

@@ -81,6 +81,74 @@ def test_bit_and_nf_resnets_get_every_downsampling_op(options):
     assert blurred == ["stages.1.0.conv2", "stages.2.0.conv2", "stages.3.0.conv2", "stem.pool"]
 
 
+def timm_padding_layers() -> nn.Module:
+    """timm's layers that pad in a forward of their own: zeros whatever padding_mode says, or 'same' at run time."""
+    from timm.layers import Conv2dSame, ScaledStdConv2d, StdConv2d, StdConv2dSame
+    from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
+
+    return nn.Sequential(
+        StdConv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        Conv2dSame(16, 16, 3, stride=2),
+        ScaledStdConv2d(16, 16, 3, stride=2, padding=1),
+        StdConv2dSame(16, 16, 3, stride=2, padding="same"),
+        MaxPool2dSame(3, 2),
+        AvgPool2dSame(3, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 5),
+    ).eval()
+
+
+@pytest.mark.parametrize("options", [{}, {"blur_first": False}, {"past_nonlinearity": True}])
+def test_timm_layers_that_pad_in_their_own_forward_pad_circularly_when_asked(options):
+    from fxblur.evaluation.invariance import check_invariance
+
+    torch.manual_seed(0)
+    model = timm_padding_layers()
+    assert model[4].same_pad  # a strided 'same' conv pads at run time
+    gm = fxblur.transform(model, polyphase=True, circular_padding=True, verbose=False, **options)
+    verdict = fxblur.report(gm, (1, 3, 64, 64)).verdict
+    assert verdict.exact, verdict.line()
+    assert check_invariance(gm, (1, 3, 64, 64), structured=False).worst < 1e-9
+    x = torch.randn(1, 3, 64, 64)
+    assert gm(x).shape == model(x).shape
+    if not options:  # the other placements run the strided layers at stride 1, then subsample
+        assert {p: s for p, s in every_shape(gm, x).items() if p.isdigit()} == every_shape(model, x)
+    assert type(model[2]).__name__ == "Conv2dSame" and model[4].same_pad  # the original is untouched
+    assert gm.state_dict().keys() == model.state_dict().keys()
+
+
+def test_timm_layers_that_pad_with_zeros_are_not_called_exact_without_circular_padding():
+    model = timm_padding_layers()
+    model[0].padding_mode = "circular"  # StdConv2d's forward ignores it: it pads with zeros
+    verdict = fxblur.report(fxblur.transform(model, polyphase=True, verbose=False), (1, 3, 64, 64)).verdict
+    assert not verdict.exact
+    assert verdict.breaks[0].where.startswith("0 ") and "zeros" in verdict.breaks[0].reason, verdict.line()
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_b0", "nfnet_l0", "resnetv2_50"])
+def test_timm_families_with_such_layers_become_exactly_invariant(name):
+    from fxblur.evaluation.invariance import check_invariance
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    gm = fxblur.transform(model, polyphase=True, circular_padding=True, verbose=False)
+    verdict = fxblur.report(gm, (1, 3, 64, 64)).verdict
+    assert verdict.exact, verdict.line()
+    assert check_invariance(gm, (1, 3, 64, 64), structured=False, samples=1).worst < 1e-9
+
+
+def test_bit_pads_its_stem_with_a_constant_layer_and_is_called_not_exact_for_it():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=10).eval()
+    gm = fxblur.transform(model, polyphase=True, circular_padding=True, verbose=False)
+    verdict = fxblur.report(gm, (1, 3, 64, 64)).verdict
+    assert [b.where for b in verdict.breaks] == ["stem.pad (ConstantPad2d)"], verdict.line()
+
+
 def test_timm_blur_pools_are_left_alone_and_only_the_unblurred_shortcuts_get_a_blur():
     model = build("resnetblur50")
     gm = fxblur.transform(model, verbose=False)

@@ -19,7 +19,9 @@ Then the rules per kind of op, each a function below:
   stride), on a map rolled to a polyphase phase it keeps the lattice and records the phase;
   zero, ``-inf`` or reflect padding, cropping, ceil-mode windows past the border and sizes
   the stride does not divide break. A conv subclass with a ``forward`` of its own breaks
-  unless fxblur knows how it pads (``fxblur.known_layers``);
+  unless fxblur knows how it pads (``fxblur.known_layers``): timm's ``StdConv2d`` pads with
+  zeros whatever its ``padding_mode``, and a layer padding 'same' at run time pads with zeros
+  (or ``-inf``) until circular padding pads its input (``pad_same_circularly``);
 - ``reduce``: means, sums, maxima and adaptive pools over every spatial axis make the value
   invariant along them (global pooling); an adaptive pool to a grid breaks;
 - ``layout``: permutes, transposes and (un)squeezes move the axes; flattening or reshaping
@@ -34,8 +36,9 @@ Then the rules per kind of op, each a function below:
   axis do not move under a circular shift); a layer norm whose weight varies over space breaks;
 - the polyphase ops: ``phase_of`` chooses a phase on a map, ``roll_to_phase`` aligns a map
   that lines up with it, ``select_phase`` subsamples at it; circular padding
-  (``pad_window_circularly``, ``F.pad(mode="circular")``) pads a map for the window op
-  that reads it;
+  (``pad_window_circularly``, ``pad_same_circularly``, ``F.pad(mode="circular")``,
+  ``nn.CircularPad2d``, ``fxblur.ops.circular.CircularPad``) pads a map for the window op
+  that reads it; padding in another mode (``F.pad``, ``nn.ZeroPad2d``) breaks;
 - anything else that reads a value following the shifts breaks it: no rule, no claim.
 
 Example:
@@ -65,13 +68,14 @@ from fxblur.analysis.pointwise import FUNCTIONS as POINTWISE_FUNCTIONS
 from fxblur.analysis.pointwise import MODULES as POINTWISE_MODULES
 from fxblur.analysis.subsampling import read_subsampling
 from fxblur.analysis.window_ops import WindowOp, read_window_op
-from fxblur.known_layers import norm_act, pads_as_configured
+from fxblur.known_layers import norm_act, pads_as_configured, pads_same_at_run_time, pads_with_zeros
 from fxblur.ops.along import blur_along, phase_along, roll_along
 from fxblur.ops.blur_module import Blur
 from fxblur.ops.blurred import BlurredOp
-from fxblur.ops.ceil_mode import pad_for_ceil_mode, pad_window_circularly
-from fxblur.ops.circular import CircularPaddingConv
+from fxblur.ops.ceil_mode import pad_for_ceil_mode, pad_same_circularly, pad_window_circularly, same_padding
+from fxblur.ops.circular import CIRCULAR_PADDING_LAYERS, OTHER_PADDING_LAYERS, CircularPad, CircularPaddingConv
 from fxblur.ops.max_pool import max_pool_stride_one
+from fxblur.ops.padding import circular_pad
 from fxblur.ops.polyphase import phase_of, roll_to_phase, select_phase
 from fxblur.trace.calls import LINE, SITE, nodes_in
 
@@ -281,7 +285,11 @@ def window(node: fx.Node, analysis: Analysis) -> Value:
         return broken(
             _break(node, analysis, BreakKind.UPSAMPLING, "a transposed conv places its samples on a fixed grid")
         )
-    if module is not None and op.custom_forward and not pads_as_configured(type(module)):
+    zeros = module is not None and pads_with_zeros(type(module))  # whatever its padding_mode says
+    if module is not None and pads_same_at_run_time(module):
+        why = f"{type(module).__name__} pads 'same' with {'-inf' if op.kind == 'max_pool' else 'zeros'}"
+        return broken(_break(node, analysis, BreakKind.PADDING, why))
+    if module is not None and op.custom_forward and not (pads_as_configured(type(module)) or zeros):
         why = f"{type(module).__name__} has a forward of its own: fxblur cannot tell how it pads"
         return broken(_break(node, analysis, BreakKind.UNKNOWN, why))
     if op.kernel_size is None:  # a functional conv on a computed weight: its shape tells the kernel
@@ -289,7 +297,7 @@ def window(node: fx.Node, analysis: Analysis) -> Value:
         if weight is None:
             return broken(_break(node, analysis, BreakKind.UNKNOWN, "convolves with a weight of unknown shape"))
         op = replace(op, kernel_size=tuple(weight[2:]))
-    step = _Window.of(op)
+    step = _Window.of(op, "zeros" if zeros else None)
     return step.apply(node, analysis, analysis.values[op.input], _shape(op.input), _shape(node))
 
 
@@ -309,7 +317,8 @@ class _Window:
         self.pads_with = pads_with
 
     @classmethod
-    def of(cls, op: WindowOp) -> _Window:
+    def of(cls, op: WindowOp, mode: str | None = None) -> _Window:
+        """The geometry of ``op``, padding in ``mode`` (by default the mode its module names, else zeros)."""
         spans = [d * (k - 1) for k, d in zip(op.kernel_size, op.dilation, strict=True)]
         if op.padding == "same":
             padding = [(span // 2, span - span // 2) for span in spans]
@@ -317,7 +326,8 @@ class _Window:
             padding = [(0, 0)] * op.dims
         else:
             padding = [(p, p) for p in op.padding]
-        mode = op.module.padding_mode if op.kind == "conv" and op.module is not None else "zeros"
+        if mode is None:
+            mode = op.module.padding_mode if op.kind == "conv" and op.module is not None else "zeros"
         none = [(0, 0)] * op.dims
         pads_with = "with -inf" if op.kind == "max_pool" else _PADDING_WORDS.get(mode, mode)
         uniform = op.kind != "conv"
@@ -543,19 +553,48 @@ def _pad_window(node: fx.Node, analysis: Analysis) -> Value:
     return _padded(node, analysis, node.args[0], list(node.args[3]))
 
 
+def _circular_pad(node: fx.Node, analysis: Analysis) -> Value:
+    """``circular_pad(x, flat)`` (fxblur's, any amount): as ``F.pad(mode="circular")``."""
+    return _pad_by(node, analysis, node.args[1], None)
+
+
+def _pad_same(node: fx.Node, analysis: Analysis) -> Value:
+    """``pad_same_circularly(x, kernel, stride, dilation, ...)``: the map padded circularly for the op reading it."""
+    size = _shape(node.args[0])
+    if size is None:
+        return broken(_break(node, analysis, BreakKind.UNKNOWN, "its input has no shape"))
+    kernel, stride, dilation, at_stride_one = node.args[1:5]
+    sizes = size[len(size) - len(kernel) :]
+    geometry = zip(sizes, kernel, stride, dilation, strict=True)
+    before = [same_padding(n, k, s, d, at_stride_one)[0] for n, k, s, d in geometry]
+    return _padded(node, analysis, node.args[0], before)
+
+
 def _pad(node: fx.Node, analysis: Analysis) -> Value:
     """``F.pad``: circular padding pads the map for a window op; any other mode, on a spatial axis, breaks."""
     mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
     flat = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    return _pad_by(node, analysis, flat, f"F.pad(mode={mode!r})" if mode != "circular" else None)
+
+
+def _padding_layer(node: fx.Node, analysis: Analysis) -> Value:
+    """A padding layer (``nn.ZeroPad2d``, ``nn.CircularPad2d``): as ``F.pad`` in its mode."""
+    layer = analysis.graph_module.get_submodule(node.target)
+    circular = isinstance(layer, (CircularPad, *CIRCULAR_PADDING_LAYERS))
+    return _pad_by(node, analysis, layer.padding, None if circular else type(layer).__name__)
+
+
+def _pad_by(node: fx.Node, analysis: Analysis, flat: Any, other: str | None) -> Value:
+    """``node``'s input padded by ``flat`` (``F.pad``'s order): circularly, or as ``other`` says (then it breaks)."""
     if not isinstance(flat, (tuple, list)) or any(isinstance(p, fx.Node) for p in flat):
         return broken(_break(node, analysis, BreakKind.UNKNOWN, "pads by amounts computed at run time"))
     before = [flat[i] for i in range(0, len(flat), 2)][::-1]  # F.pad: the last axis first
     source = node.args[0]
-    if mode != "circular":
+    if other is not None:
         rank = _rank(source)
         padded_axes = {rank - 1 - i // 2 for i, amount in enumerate(flat) if amount}
         if padded_axes & {p for p in analysis.values[source].positions if p is not None}:
-            return broken(_break(node, analysis, BreakKind.PADDING, f"pads a spatial axis with F.pad(mode={mode!r})"))
+            return broken(_break(node, analysis, BreakKind.PADDING, f"pads a spatial axis with {other}"))
         return analysis.values[source]
     return _padded(node, analysis, source, before)
 
@@ -1006,6 +1045,7 @@ _MODULE_RULES: list[tuple[type | tuple[type, ...], Rule]] = [
     ((CONV_BASE, MAX_POOL_BASE, AVG_POOL_BASE, LP_POOL_BASE), window),
     (_ADAPTIVE, _adaptive_pool),
     (nn.PixelUnshuffle, _space_to_depth),
+    ((CircularPad, *CIRCULAR_PADDING_LAYERS, *OTHER_PADDING_LAYERS), _padding_layer),
     (nn.Upsample, _interpolate),
     (nn.Linear, _linear),
     (nn.LayerNorm, _layer_norm),
@@ -1025,9 +1065,11 @@ _FUNCTION_RULES: dict[Callable, Rule] = {
     roll_to_phase: _roll_to_phase,
     select_phase: _select_phase,
     pad_window_circularly: _pad_window,
+    pad_same_circularly: _pad_same,
     pad_for_ceil_mode: _pad_for_ceil_mode,
     max_pool_stride_one: _max_pool_stride_one,
     F.pad: _pad,
+    circular_pad: _circular_pad,
     F.pixel_unshuffle: _space_to_depth,
     torch.pixel_unshuffle: _space_to_depth,
     F.interpolate: _interpolate,

@@ -9,7 +9,9 @@ and the subsampling blur after the pool sees every window the original produced.
 With circular padding (``transform(circular_padding=True)``) a pool pads its input
 itself, wrapping around: ``pad_window_circularly`` adds the pool's padding on both sides
 and the samples its ceil-mode windows need at the end, and the pool then runs with no
-padding, at the same output size.
+padding, at the same output size. ``pad_same_circularly`` does the same for layers that
+pad 'same' at run time as TensorFlow does (timm's ``Conv2dSame``): ``(kernel - 1) * dilation
++ 1 - stride`` samples in all, fewer before than after where the total is odd.
 
 Example:
     >>> ceil_mode_padding(size=56, kernel=3, stride=2, padding=0, dilation=1)  # GoogLeNet
@@ -19,6 +21,8 @@ Example:
     >>> pad_window_circularly(torch.arange(4.0).view(1, 1, 4), [3], [1], [1], [1], False, False)
     tensor([[[3., 0., 1., 2., 3., 0.]]])
     >>> circular_padding(size=8, kernel=2, stride=2, padding=0, dilation=1, ceil_mode=False, at_stride_one=True)
+    [0, 1]
+    >>> same_padding(size=8, kernel=3, stride=2, dilation=1, at_stride_one=False)  # timm's Conv2dSame
     [0, 1]
 """
 
@@ -106,3 +110,36 @@ def circular_padding(
 
 
 torch.fx.wrap("pad_window_circularly")
+
+
+def pad_same_circularly(
+    x: torch.Tensor, kernel_size: list[int], stride: list[int], dilation: list[int], at_stride_one: bool
+) -> torch.Tensor:
+    """Pad ``x`` circularly as a 'same' layer of this geometry pads it with zeros (see ``same_padding``).
+
+    Written in TorchScript's subset of Python.
+    """
+    first = x.dim() - len(kernel_size)
+    flat: list[int] = []  # F.pad's order: the last axis first
+    for i in range(len(kernel_size) - 1, -1, -1):
+        flat += same_padding(x.shape[first + i], kernel_size[i], stride[i], dilation[i], at_stride_one)
+    return circular_pad(x, flat)
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int, at_stride_one: bool) -> list[int]:
+    """[before, after] samples a TensorFlow-style 'same' window op pads by along an axis of ``size``.
+
+    It makes ``ceil(size / stride)`` windows and pads half the samples they need beyond the
+    map before it (rounded down), the rest after. Run at stride 1 before a subsampling of
+    ``stride``, it gets every window that subsampling can keep, as ``circular_padding`` says.
+    """
+    span = dilation * (kernel - 1)
+    outputs = -(-size // stride)
+    total = max((outputs - 1) * stride + span + 1 - size, 0)
+    before = total // 2
+    if not at_stride_one:
+        return [before, total - before]
+    return [before, max(0, min(size, outputs * stride) + span - size - before)]
+
+
+torch.fx.wrap("pad_same_circularly")

@@ -1,6 +1,6 @@
 """Which modules the tracer calls whole instead of tracing into: the leaf policy.
 
-- every conv, pool and ``Blur`` module, subclasses from other libraries included (timm's
+- every conv, pool, ``Blur`` and ``CircularPad`` module, subclasses from other libraries included (timm's
   ``Conv2dSame``, ``StdConv2d``): the passes then see the call and can decide on it,
   instead of tracing into code whose arithmetic they cannot rewrite;
 - every layer that anti-aliases already (timm's ``BlurPool2d``, kornia's ``MaxBlurPool2D``:
@@ -32,9 +32,10 @@ from fxblur._compat import AVG_POOL_BASE, CONV_BASE, LP_POOL_BASE, MAX_POOL_BASE
 from fxblur.known_layers import anti_aliasing, norm_act
 from fxblur.ops.blur import blur
 from fxblur.ops.blur_module import Blur
+from fxblur.ops.circular import CircularPad
 from fxblur.ops.polyphase import phase_of, roll_to_phase, select_phase
 
-ALWAYS_LEAVES = (CONV_BASE, MAX_POOL_BASE, AVG_POOL_BASE, LP_POOL_BASE, Blur)
+ALWAYS_LEAVES = (CONV_BASE, MAX_POOL_BASE, AVG_POOL_BASE, LP_POOL_BASE, Blur, CircularPad)
 FXBLUR_OPS = (blur, phase_of, roll_to_phase, select_phase)  # functions the tracer keeps as calls
 
 
