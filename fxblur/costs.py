@@ -6,7 +6,9 @@ compute, no memory): every node then carries its output in ``node.meta["val"]``.
 Counted as MACs: convolutions, linear layers, matrix products, attention and blurs (a blur
 counts its separable form: ``k`` MACs per output of each axis it filters). Elementwise ops,
 norms and pools count as zero. A blurred op module (``fxblur.ops.blurred``) counts its op,
-as it now runs, and its blur; ``blurred_op_extra`` tells what that adds to the op alone.
+as it now runs, and its blur; ``blurred_op_extra`` tells what that adds to the op alone. A
+module with layers inside that the graph calls whole (a leaf: ``leaf_modules``, timm's
+untraceable blocks) counts the same ops as it runs on fake inputs (``FlopCounterMode``).
 
 Example:
     >>> gm = fxblur.transform(torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, stride=2)), verbose=False)
@@ -22,12 +24,14 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils.flop_counter import FlopCounterMode
 
 from fxblur._compat import fake_tensor_mode, quiet_fake_tensor_logs
 from fxblur.ops.blur_module import Blur
@@ -66,6 +70,8 @@ def node_macs(node: fx.Node, gm: fx.GraphModule) -> int:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         count = next((count for cls, count in _MODULE_MACS.items() if isinstance(module, cls)), None)
+        if count is None and next(module.children(), None) is not None:
+            count = _called_whole
         return 0 if count is None else count(module, node, out)
     if node.op == "call_function" and node.target in _FUNCTION_MACS:
         return _FUNCTION_MACS[node.target](node, out)
@@ -188,6 +194,21 @@ def _scaled_dot_product_attention(node: fx.Node, out: torch.Tensor) -> int:
         return 0
     sources = key.shape[-2]
     return query.numel() * sources + out.numel() * sources  # q @ k^T, weights @ v
+
+
+def _called_whole(module: nn.Module, node: fx.Node, out: torch.Tensor) -> int:
+    """A module with layers inside that the graph calls whole (a leaf): what it multiplies, run on fake inputs."""
+    mode = getattr(out, "fake_mode", None)
+    if mode is None:
+        return 0
+
+    def fake(value: Any) -> Any:
+        return value.meta.get("val") if isinstance(value, fx.Node) else value
+
+    args, kwargs = fx.node.map_aggregate(node.args, fake), fx.node.map_aggregate(node.kwargs, fake)
+    with mode, FlopCounterMode(display=False) as counter:
+        module(*args, **kwargs)
+    return counter.get_total_flops() // 2  # a multiply-add is two flops
 
 
 _MODULE_MACS: dict[type, Callable[[nn.Module, fx.Node, torch.Tensor], int]] = {

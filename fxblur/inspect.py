@@ -121,12 +121,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"could not build {args.model}: {type(error).__name__}: {error}")
     options = {name: getattr(args, name) for name in REWRITE_OPTIONS}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NoEffectWarning)  # the report says it in words
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             gm = transform(
                 model, preset=args.preset, leaf_modules=args.leaf_module, strict=not args.partial, verbose=False,
                 **options,
             )  # fmt: skip
+        for caught_warning in caught:  # in words, without the line of fxblur that raised it
+            if not issubclass(caught_warning.category, (NoEffectWarning, FutureWarning)):  # the report says the first
+                print(f"warning: {caught_warning.message}", file=sys.stderr)
     except ValueError as error:
         if isinstance(error, UntraceableModelError):
             return _fail(f"{error}\nHint: --partial rewrites the parts of it that can be traced (strict=False)")

@@ -11,7 +11,9 @@ padding) counts in full, and every node that now runs at full resolution (an op 
 stride 1) counts by how much it grew compared with the output it stands for.
 
 A model with one graph per mode (``TrainEvalGraphModule``) is measured in its current
-mode: an op it runs only in the other mode (a train-only auxiliary head) gets no sizes.
+mode: an op it runs only in the other mode (a train-only auxiliary head) gets no sizes,
+and the summary says "in train mode" where it counts one (published MAC counts are of
+eval mode, which runs no auxiliary head).
 
 For a model rewritten in parts (``transform(model, strict=False)``) the report lists the
 decisions of every part under their full paths, and its summary names the parts that
@@ -82,7 +84,8 @@ class Report:
     accepts no other value for them; ``fxblur.trace.signature.default_arguments``).
     ``verdict``: with polyphase sampling or circular padding, what the equivariance analysis
     proved (``fxblur.analysis.equivariance.Verdict``) at ``input_shape``, or at the example
-    input ``transform`` analysed; ``None`` when neither was asked.
+    input ``transform`` analysed; ``None`` when neither was asked. ``training``: the mode
+    sizes and costs were measured in (the model's own).
     """
 
     model: str
@@ -94,6 +97,7 @@ class Report:
     nesting: Nesting | None = None
     verdict: Verdict | None = None
     specialised: dict[str, Any] = dataclasses.field(default_factory=dict)
+    training: bool = False  # the mode sizes and costs were measured in
 
     @property
     def blurred(self) -> int:
@@ -136,8 +140,9 @@ class Report:
                 lines.append(f"not traced, run as before: {untraced}")
         if self.macs_before is not None:
             size = "x".join(map(str, self.input_shape))
+            mode = " in train mode" if self.training else ""
             lines.append(
-                f"MACs at {size}: {_count(self.macs_before)} -> {_count(self.macs_after)} "
+                f"MACs at {size}{mode}: {_count(self.macs_before)} -> {_count(self.macs_after)} "
                 f"({self.overhead:+.2%}); extra activations {_bytes(sum(r.extra_bytes or 0 for r in self.rows))}"
             )
         return "\n".join(lines)
@@ -160,7 +165,7 @@ class Report:
                 *([row.phase_group or ""] if grouped else []),
             ]
             if sized and row.output_size is None:
-                cells += ["not run in this mode", "", ""]
+                cells += [f"not run in {'train' if self.training else 'eval'} mode", "", ""]
             elif sized:
                 cells += [
                     f"{_size(row.input_size)} -> {_size(row.output_size)}",
@@ -230,7 +235,16 @@ def report(gm: nn.Module, input_shape: Sequence[int] | torch.Tensor | None = Non
     example = input_shape if isinstance(input_shape, torch.Tensor) else example_for(gm, input_shape)
     if verdict is not None:  # proved anew at this shape
         verdict = record.verdict_at(tuple(example.shape))
-    propagate_shapes(flat, example)
+    try:
+        propagate_shapes(flat, example)
+    except ValueError as error:  # BatchNorm in train mode refuses one value per channel
+        if not gm.training:
+            raise
+        first = str(error).splitlines()[0]
+        raise ValueError(
+            f"{model} does not run in train mode on an input of {tuple(example.shape)}: {first}. The report "
+            "measures the mode the model is in: call .eval() on it first, or give a larger batch"
+        ) from error
     nodes = {node.name: node for node in flat.graph.nodes}
     rows = tuple(_row(change, nodes, flat) for change in decisions)
     macs_after = sum(node_macs(node, flat) for node in flat.graph.nodes)
@@ -244,6 +258,7 @@ def report(gm: nn.Module, input_shape: Sequence[int] | torch.Tensor | None = Non
         nesting=nesting,
         verdict=verdict,
         specialised=specialised,
+        training=gm.training,
     )
 
 

@@ -190,6 +190,12 @@ def test_options_reach_the_rewrite(capsys):
     assert records["layer4.0.conv1"]["reason"] == "excluded by 'layer4.*'"
 
 
+def test_a_warning_is_one_line_in_words(capsys):
+    assert main(["resnet18", "--exclude", "nothing.here"]) == 0
+    err = capsys.readouterr().err
+    assert err == "warning: exclude pattern 'nothing.here' matches no strided conv or pool; it has no effect\n"
+
+
 def test_presets_and_placement_flags(capsys):
     def actions(*args: str) -> dict[str, str]:
         assert main([*args, "--format", "json"]) == 0

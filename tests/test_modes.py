@@ -110,9 +110,22 @@ def test_report_measures_the_mode_the_model_is_in():
     gm = fxblur.transform(TrainOnlyHead().eval(), verbose=False)
     shape = (1, 16, 9, 9)
     assert {row.target: row.output_size for row in fxblur.report(gm, shape).rows} == {"conv": (5, 5), "aux": None}
-    assert "not run in this mode" in str(fxblur.report(gm, shape))
+    assert "not run in eval mode" in str(fxblur.report(gm, shape))
+    assert "MACs at 1x16x9x9: " in str(fxblur.report(gm, shape))
     gm.train()
     assert {row.target: row.output_size for row in fxblur.report(gm, shape).rows} == {"conv": (5, 5), "aux": (2, 2)}
+    assert "MACs at 1x16x9x9 in train mode: " in str(fxblur.report(gm, shape))
+
+
+def test_a_train_mode_model_that_cannot_take_the_batch_says_so_and_what_to_do():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torchvision.models.inception_v3(init_weights=False, aux_logits=True)  # train mode
+    gm = fxblur.transform(model, verbose=False)
+    refused = r"does not run in train mode on an input of \(1, 3, 299, 299\).*call \.eval\(\)"
+    with pytest.raises(ValueError, match=refused):
+        fxblur.report(gm, (1, 3, 299, 299))  # the aux head's BatchNorm sees one value per channel
+    assert fxblur.report(gm.eval(), (1, 3, 299, 299)).macs_before > 5e9
 
 
 class TrainOnlyPool(nn.Module):

@@ -66,6 +66,12 @@ def test_macs_before_match_torchvisions_published_counts(name, size):
     assert round(fxblur.report(gm, (1, 3, size, size)).macs_before / 1e9, 3) == pytest.approx(published, abs=1e-3)
 
 
+def test_a_module_called_whole_still_counts_its_macs():
+    whole = fxblur.transform(build("resnet18"), leaf_modules=["layer2"], verbose=False)
+    published = torchvision.models.get_model_weights("resnet18").DEFAULT.meta["_ops"]
+    assert round(fxblur.report(whole, (1, 3, 224, 224)).macs_before / 1e9, 3) == pytest.approx(published, abs=1e-3)
+
+
 def test_summary_totals_are_the_sum_of_rows():
     for options in ({}, {"blur_first": False}):
         report = resnet50_report(**options)

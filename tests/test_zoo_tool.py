@@ -179,6 +179,16 @@ def test_one_model_per_timm_file():
     assert firsts["resnet"] in timm.list_models(module="resnet")
 
 
+def test_torchvision_alone_surveys_torchvision_and_timm_joins_when_asked():
+    torchvision_only = zoo.select_cases(torchvision=True)
+    assert torchvision_only and all(not case.source.startswith("timm/") for case in torchvision_only)
+    assert len(zoo.select_cases(files=["video"])) == len(zoo.torchvision_names()["video"])
+    if zoo.timm_available():
+        both = zoo.select_cases(torchvision=True, timm=True)
+        assert len(both) == len(torchvision_only) + len(zoo.timm_first_models())
+        assert all(case.source.startswith("timm/") for case in zoo.select_cases())
+
+
 def test_the_command_line_prints_json():
     pytest.importorskip("timm")
     result = subprocess.run(

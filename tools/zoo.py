@@ -172,13 +172,16 @@ def torchvision_case(name: str, task: str) -> Case:
 
 
 def select_cases(
-    files: Iterable[str] | None = None, models: Iterable[str] | None = None, torchvision: bool = False
+    files: Iterable[str] | None = None,
+    models: Iterable[str] | None = None,
+    torchvision: bool = False,
+    timm: bool | None = None,
 ) -> list[Case]:
     """The cases to survey: ``models`` by name (timm or torchvision), else one per timm file.
 
-    ``torchvision`` adds the torchvision zoo. ``files`` keeps only the named timm files
-    (``resnet``) and torchvision tasks (``classification``, ``segmentation``, ``video``; naming
-    one implies ``torchvision``).
+    ``torchvision`` surveys the torchvision zoo instead of the timm files, or as well with
+    ``timm=True``. ``files`` keeps only the named timm files (``resnet``) and torchvision
+    tasks (``classification``, ``segmentation``, ``video``; naming one implies ``torchvision``).
 
     Raises:
         ValueError: an unknown model, file or task.
@@ -201,8 +204,10 @@ def select_cases(
     unknown = files - firsts.keys() - set(TORCHVISION_TASKS)
     if unknown:
         raise ValueError(f"no timm model file or torchvision task named {', '.join(sorted(unknown))} (see --list)")
-    cases = [timm_case(name) for module, name in firsts.items() if not files or module in files]
-    if torchvision or files & set(TORCHVISION_TASKS):
+    torchvision = torchvision or bool(files & set(TORCHVISION_TASKS))
+    with_timm = (not torchvision or bool(files - set(TORCHVISION_TASKS))) if timm is None else timm
+    cases = [timm_case(name) for module, name in firsts.items() if with_timm and (not files or module in files)]
+    if torchvision:
         cases += [torchvision_case(name, task) for name, task in tv_task.items() if not files or task in files]
     return cases
 
@@ -673,7 +678,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--files", nargs="+", metavar="FILE", help="timm model files (resnet convnext) or torchvision tasks (video)"
     )
-    p.add_argument("--torchvision", action="store_true", help="also survey the torchvision zoo")
+    p.add_argument("--torchvision", action="store_true", help="survey the torchvision zoo instead of the timm files")
+    p.add_argument("--timm", action="store_true", help="with --torchvision: survey the timm files as well")
     p.add_argument(
         "--placements",
         nargs="+",
@@ -693,7 +699,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        cases = select_cases(args.files, args.models, args.torchvision)[: args.limit]
+        cases = select_cases(args.files, args.models, args.torchvision, args.timm or None)[: args.limit]
     except ValueError as error:
         parser().error(str(error))
     if args.list:
