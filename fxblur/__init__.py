@@ -7,6 +7,8 @@ Example:
     ['maxpool', 'layer2.0.conv2', 'layer2.0.downsample.0']
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from fxblur.assemble.graph_module import BakedAttributeWarning
 from fxblur.assemble.hooks import HookWarning
 from fxblur.evaluation.invariance import check_invariance
@@ -17,6 +19,11 @@ from fxblur.record import Action, Change, RewriteRecord, changes, record_of
 from fxblur.report import Report, report
 from fxblur.trace import BlurTracer, UntraceableModelError
 from fxblur.transform import NoEffectWarning, transform
+
+try:
+    __version__ = version("fxblur")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Action",
@@ -29,6 +36,7 @@ __all__ = [
     "Report",
     "RewriteRecord",
     "UntraceableModelError",
+    "__version__",
     "blur",
     "changes",
     "check_invariance",

@@ -46,6 +46,7 @@ from fxblur.passes import (
     RecordAntiAliasing,
     RewriteContext,
 )
+from fxblur.publish import publish
 from fxblur.record import Change, RewriteRecord, logged, record_of, store_record
 from fxblur.report import report
 from fxblur.trace import Traced, UntraceableModelError, trace
@@ -151,7 +152,8 @@ def transform(
             result computes what the model does when called with the input alone, and
             raises an ``AssertionError`` naming the argument if called with another
             value. ``{"mask": torch.fx.PH}`` keeps an argument an input.
-        verbose: print the change report.
+        verbose: print the change report (on rank 0 only under ``torch.distributed``); it is
+            logged to the ``fxblur`` logger at ``INFO`` as well (``fxblur.publish``).
 
     Returns:
         A ``GraphModule`` with the original's ``state_dict()`` keys, mode, device and dtype
@@ -218,8 +220,7 @@ def transform(
         warnings.warn(problem, UserWarning, stacklevel=2)
     if all(change.action == "skipped" for change in decisions):
         warnings.warn(_no_effect(model, result, decisions), NoEffectWarning, stacklevel=2)
-    if verbose:
-        print(report(result))
+    publish(lambda: str(report(result)), verbose)
     return result
 
 

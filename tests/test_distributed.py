@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import socket
 import time
@@ -31,8 +34,12 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 def blurred_net(options: dict) -> nn.Module:
     """The same transformed network in every process (no BatchNorm: its statistics are per process)."""
+    return fxblur.transform(plain_net(), verbose=False, **options)
+
+
+def plain_net() -> nn.Module:
     torch.manual_seed(0)
-    net = nn.Sequential(
+    return nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1),
         nn.ReLU(),
         nn.Conv2d(16, 32, 3, stride=2, padding=1),
@@ -45,7 +52,6 @@ def blurred_net(options: dict) -> nn.Module:
         nn.Flatten(),
         nn.Linear(32, 10),
     )
-    return fxblur.transform(net, verbose=False, **options)
 
 
 def blurred_resnet() -> nn.Module:
@@ -88,9 +94,27 @@ def _connect(rank: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
+def _published(options: dict) -> tuple[str, list[str]]:
+    """What a verbose rewrite prints, and what it logs to the ``fxblur`` logger, in this process."""
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("fxblur")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            fxblur.transform(plain_net(), **options)
+    finally:
+        logger.removeHandler(handler)
+    return printed.getvalue(), records
+
+
 def _ddp_worker(rank: int, port: int, out: str, options: dict) -> None:
     _connect(rank, port)
     try:
+        printed, logged = _published(options)
         model = DistributedDataParallel(blurred_net(options))
         grads, params = train(model, global_batches(), rank, WORLD_SIZE)
         strip = len("module.")
@@ -98,6 +122,8 @@ def _ddp_worker(rank: int, port: int, out: str, options: dict) -> None:
             {
                 "grads": [{name[strip:]: g for name, g in step.items()} for step in grads],
                 "params": {name[strip:]: p for name, p in params.items()},
+                "printed": printed,
+                "logged": logged,
             },
             Path(out) / f"rank{rank}.pt",
         )
@@ -154,6 +180,9 @@ def test_ddp_on_two_gloo_ranks_matches_a_single_process_run(tmp_path, options):
 
     for name, value in ranks[0]["params"].items():
         assert torch.equal(ranks[1]["params"][name], value), name  # DDP keeps the replicas identical
+    report = str(fxblur.report(blurred_net(options)))
+    assert (ranks[0]["printed"], ranks[0]["logged"]) == (report + "\n", [report])  # rank 0 speaks for the job
+    assert (ranks[1]["printed"], ranks[1]["logged"]) == ("", [])
 
     single = blurred_net(options)
     assert any(change.action != "skipped" for change in fxblur.changes(single))

@@ -111,3 +111,18 @@ def test_report_leaves_the_model_usable():
     before = gm(x)
     fxblur.report(gm, (2, 3, 97, 97))
     torch.testing.assert_close(gm(x), before)
+
+
+def test_the_report_is_logged_to_the_fxblur_logger_and_printed_only_when_verbose(caplog, capsys):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="fxblur"):
+        gm = fxblur.transform(build("resnet18"), verbose=False)
+    assert [record.getMessage() for record in caplog.records] == [str(fxblur.report(gm))]
+    assert capsys.readouterr().out == ""
+
+
+def test_the_version_is_the_installed_packages():
+    from importlib.metadata import version
+
+    assert fxblur.__version__ == version("fxblur")
