@@ -1,14 +1,13 @@
 """How far a model's logits move under circular shifts of its input, for the original and its rewrites.
 
 Every model is built with random weights (torchvision names; nothing is downloaded), its
-BatchNorm statistics set from one batch of random images (a randomly initialised GoogLeNet or
-MobileNet otherwise computes outputs of 1e-10 that hardly depend on the input), in eval
-mode, and run on a batch of random images and on the same images rolled circularly by
+BatchNorm statistics set from one batch of random images (``fxblur.evaluation.calibration``),
+in eval mode, and run on a batch of random images and on the same images rolled circularly by
 random shifts of up to ``--max-shift`` pixels along both axes. For each variant the table
 gives the largest change of the logits relative to their largest magnitude, over the
 shifts, and whether every image kept its top-1 class. A network made exactly invariant by
 polyphase sampling (with circular padding and a global head, on sizes every stride divides)
-moves by float rounding only.
+moves by float rounding only; the verdict column is the report's line for it.
 
 Variants: original; blurpool (fxblur's default); polyphase, polyphase-last and
 polyphase-past (polyphase=True with circular_padding=True, in the three placements).
@@ -31,6 +30,7 @@ from tabulate import tabulate
 from torch import nn
 
 import fxblur
+from fxblur.evaluation.calibration import calibrate_batch_norms
 from fxblur.models import build
 
 VARIANTS: dict[str, dict | None] = {
@@ -54,24 +54,13 @@ def movement(model: nn.Module, images: torch.Tensor, shifts: torch.Tensor) -> tu
     return worst, kept
 
 
-def calibrate(model: nn.Module, images: torch.Tensor) -> None:
-    """Set every BatchNorm's statistics from ``images`` (one train-mode pass), then eval mode."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.momentum = None  # a cumulative average: one batch sets the statistics
-            module.reset_running_stats()
-    with torch.no_grad():
-        model.train()(images)
-    model.eval()
-
-
 def measure(name: str, args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(args.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # init-weights notices; nothing to blur
         original = build(name, device="cpu").eval()
     generator = torch.Generator().manual_seed(args.seed)
-    calibrate(original, torch.randn(8, 3, args.image_size, args.image_size, generator=generator))
+    calibrate_batch_norms(original, torch.randn(8, 3, args.image_size, args.image_size, generator=generator))
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
     shifts = torch.randint(-args.max_shift, args.max_shift + 1, (args.shifts, 2), generator=generator)
     rows = []
@@ -82,10 +71,10 @@ def measure(name: str, args: argparse.Namespace) -> list[dict]:
             model = original if options is None else fxblur.transform(original, verbose=False, **options)
         start = time.perf_counter()
         worst, kept = movement(model, images, shifts)
-        obstacles = fxblur.record_of(model).obstacles if options else None
+        verdict = fxblur.report(model, images.shape).verdict if options else None
         rows.append({
             "model": name, "variant": variant, "relative change": worst, "top-1 kept": kept,
-            "obstacles": "; ".join(f"{o.target}: {o.reason}" for o in obstacles or ()),
+            "verdict": "" if verdict is None else verdict.line(),
             "seconds": round(time.perf_counter() - start, 1),
         })  # fmt: skip
     return rows
