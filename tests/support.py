@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +155,13 @@ class TrainOnlyHead(nn.Module):
         if self.training:
             return out, self.aux(y).mean((2, 3))
         return out
+
+
+def load_tool(name: str):
+    """The script ``tools/<name>.py`` as a module (tools are scripts, not a package)."""
+    path = Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module

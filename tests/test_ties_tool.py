@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-TOOL = ROOT / "tools" / "ties.py"
+from support import load_tool
 
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("ties", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ties = load_tool()
+ties = load_tool("ties")
 
 
 class CornerReader(nn.Module):

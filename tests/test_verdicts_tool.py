@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-TOOL = ROOT / "tools" / "verdicts.py"
+from support import load_tool
 
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("verdicts", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-verdicts = load_tool()
+verdicts = load_tool("verdicts")
 
 
 def test_an_exact_model_and_a_broken_one_are_told_apart_and_measured(tmp_path, capsys):
