@@ -18,12 +18,13 @@ polyphase sampling then makes it invariant only away from the borders. With
 with zeros whatever ``padding_mode`` says (``fxblur.known_layers``: timm's ``StdConv2d``)
 read a circularly padded input at ``padding=0``, and those that pad 'same' at run time
 (timm's ``Conv2dSame``, ``MaxPool2dSame``) read one padded 'same' circularly
-(``pad_same_circularly``) and pad nothing themselves. A padding layer that pads otherwise (``nn.ConstantPad2d``,
-``nn.ReflectionPad2d``) and only feeds convs and pools pads circularly instead
-(``fxblur.ops.circular.CircularPad``), as their own padding would. A conv that crops (``padding=0`` with a
-kernel above 1, or ``"valid"``) is left as it is, and so is a module that code outside the
-graph also calls; the equivariance analysis (``fxblur.analysis.equivariance``) then names
-each where it stops a model from being exactly equivariant.
+(``pad_same_circularly``) and pad nothing themselves. A padding layer that pads otherwise
+(``nn.ConstantPad2d``, ``nn.ReflectionPad2d``) and only feeds convs and pools pads
+circularly instead (``fxblur.ops.circular.CircularPad``), as their own padding would. A
+conv that crops (``padding=0`` with a kernel above 1, or ``"valid"``) is left as it is,
+and so is a module that code outside the graph also calls; the equivariance analysis
+(``fxblur.analysis.equivariance``) then names each where it stops a model from being
+exactly equivariant.
 
 Example:
     >>> from torch.fx.passes.infra.pass_manager import PassManager
@@ -43,7 +44,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxblur.analysis.window_ops import MODULES, WindowOp, read_window_op, set_call_argument
+from fxblur.analysis.window_ops import WindowOp, base_class, read_window_op, set_call_argument
 from fxblur.known_layers import pads_same_at_run_time, pads_with_zeros, same_padding_switch
 from fxblur.ops.ceil_mode import pad_for_ceil_mode, pad_same_circularly, pad_window_circularly
 from fxblur.ops.circular import CIRCULAR_CLASSES, OTHER_PADDING_LAYERS, circular_conv, circular_padding_layer
@@ -142,7 +143,7 @@ def _pads_ahead_of_window_ops(node: fx.Node, graph_module: fx.GraphModule, froze
 def _as_base_class(op: WindowOp) -> nn.Module:
     """A copy of ``op``'s module as its torch.nn base class, which pads as ``padding`` says: by nothing here."""
     module = share_tensors(op.module)
-    module.__class__ = next(cls for cls in MODULES if isinstance(module, cls))
+    module.__class__ = base_class(module)
     return module
 
 

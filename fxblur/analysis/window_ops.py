@@ -156,7 +156,7 @@ def read_window_op(node: fx.Node, root: nn.Module) -> WindowOp | None:
 
 
 def _read_module_call(node: fx.Node, module: nn.Module) -> WindowOp | None:
-    base = next((cls for cls in MODULES if isinstance(module, cls)), None)
+    base = base_class(module)
     if base is None:
         return None
     kind, dims = MODULES[base]
@@ -192,6 +192,11 @@ def _read_module_call(node: fx.Node, module: nn.Module) -> WindowOp | None:
         custom_forward=custom_forward,
         **common,
     )
+
+
+def base_class(module: nn.Module) -> type[nn.Module] | None:
+    """The torch.nn conv or pool class ``module`` is (``nn.Conv2d`` for timm's ``Conv2dSame``), or ``None``."""
+    return next((cls for cls in MODULES if isinstance(module, cls)), None)
 
 
 def _read_function_call(node: fx.Node, function: _Function, root: nn.Module) -> WindowOp | None:
@@ -305,7 +310,7 @@ def change_of(
 
 def skipped_module(module: nn.Module, target: str, reason: str) -> Change | None:
     """The record of a strided conv or pool module that no graph calls (it runs inside a leaf module), or ``None``."""
-    base = next((cls for cls in MODULES if isinstance(module, cls)), None)
+    base = base_class(module)
     if base is None:
         return None
     kind, dims = MODULES[base]
