@@ -55,9 +55,12 @@ def fold_into_layers(
     pairs = list({id(graph): (graph, call_root) for graph, call_root in zip(graphs, roots, strict=True)}.values())
     plans: dict[str, list[tuple[fx.Graph, list[fx.Node], str, fx.Node, fx.Node]]] = {}
     for graph, call_root in pairs:
+        own_nodes: dict[int, list[fx.Node]] = {}
+        for node in graph.nodes:
+            own_nodes.setdefault(id(call_of(node)), []).append(node)
         for call in call_root.walk():
             if _is_plain_sequential(call.module) and id(call.module) not in frozen and call.parent is not None:
-                for chain, side, source, end in _chains(graph, call):
+                for chain, side, source, end in _chains(own_nodes.get(id(call), []), call):
                     plans.setdefault(_layer_path(graph, call, chain, side, source, end), []).append(
                         (graph, chain, side, source, end)
                     )
@@ -90,17 +93,18 @@ def _is_plain_sequential(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
-def _chains(graph: fx.Graph, call: Call) -> list[tuple[list[fx.Node], str, fx.Node, fx.Node]]:
+def _chains(own_nodes: list[fx.Node], call: Call) -> list[tuple[list[fx.Node], str, fx.Node, fx.Node]]:
     """The chains of nodes in ``call``'s own code that are not its layers: (nodes, side, source, end).
 
-    ``side`` is ``"before"`` when the chain's end feeds exactly one layer call (it is folded
-    into that layer) and ``"after"`` when only its source is a layer call; ``source`` is the
-    one value the chain reads, ``end`` the one node outside it reads.
+    ``own_nodes`` are the nodes traced in ``call``, in graph order. ``side`` is ``"before"``
+    when the chain's end feeds exactly one layer call (it is folded into that layer) and
+    ``"after"`` when only its source is a layer call; ``source`` is the one value the chain
+    reads, ``end`` the one node outside it reads.
     """
     prefix = f"{call.path}."
-    layers = {node for node in graph.nodes if call_of(node) is call and node.op == "call_module"
+    layers = {node for node in own_nodes if node.op == "call_module"
               and node.target.startswith(prefix) and "." not in node.target[len(prefix):]}  # fmt: skip
-    inserted = [node for node in graph.nodes if call_of(node) is call and node not in layers]
+    inserted = [node for node in own_nodes if node not in layers]
     found, seen = [], set()
     for first in inserted:
         if first in seen:

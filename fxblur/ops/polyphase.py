@@ -188,26 +188,33 @@ def _component_keys(x: Tensor, stride: list[int], norm: str) -> Tensor:
     top = contributions.flatten(1).amax(1).clamp_min(2.2250738585072014e-308)  # a map of zeros stays zeros
     scaled = contributions / top.view([-1] + [1] * dims)
     quantised = torch.round(scaled * 1099511627776.0).long()  # 2**40 (TorchScript takes no global constants)
+    coarse = torch.div(quantised, 1073741824, rounding_mode="floor")  # 2**30: 10 bits are left
     components = [quantised]
+    coarse_components = [coarse]
     for i, s in enumerate(stride):
         size = quantised.shape[1 + i]
         first = torch.arange((size + s - 1) // s, device=x.device) * s
-        split: list[Tensor] = []
-        for each in components:
-            split += [each.index_select(1 + i, (first + p) % size) for p in range(s)]
-        components = split
+        offsets = [(first + p) % size for p in range(s)]
+        components = _split(components, 1 + i, offsets)
+        coarse_components = _split(coarse_components, 1 + i, offsets)
     spatial = [1 + i for i in range(dims)]
     keys: list[Tensor] = []
     if norm == "linf":
         keys.append(torch.stack([each.amax(spatial) for each in components], 1))
     keys.append(torch.stack([each.sum(spatial) for each in components], 1))
     for axis in spatial:
-        lags: list[Tensor] = []
-        for each in components:
-            coarse = torch.div(each, 1073741824, rounding_mode="floor")  # 2**30: 10 bits are left
-            lags.append((coarse * torch.roll(coarse, -1, axis).square()).sum(spatial))
+        lags = [(each * torch.roll(each, -1, axis).square()).sum(spatial) for each in coarse_components]
         keys.append(torch.stack(lags, 1))
     return torch.stack(keys, 2)
+
+
+def _split(maps: list[Tensor], axis: int, offsets: list[Tensor]) -> list[Tensor]:
+    """Each map's components along ``axis``, one per index list of ``offsets``, map by map."""
+    split: list[Tensor] = []
+    for each in maps:
+        for at in offsets:
+            split.append(each.index_select(axis, at))
+    return split
 
 
 def _first_largest(keys: Tensor) -> Tensor:
