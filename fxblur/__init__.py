@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from fxblur.assemble.graph_module import BakedAttributeWarning
 from fxblur.assemble.hooks import HookWarning
 from fxblur.evaluation.invariance import check_invariance
+from fxblur.functional import apply_blurpool
 from fxblur.known_layers import trust_forward
 from fxblur.ops.blur import blur
 from fxblur.ops.blur_module import Blur
@@ -37,6 +38,7 @@ __all__ = [
     "RewriteRecord",
     "UntraceableModelError",
     "__version__",
+    "apply_blurpool",
     "blur",
     "changes",
     "check_invariance",
