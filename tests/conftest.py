@@ -20,6 +20,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist turns the groups into node ids
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests of one parameter of a module-scoped fixture share a worker, so that it is built once."""
+    for item in items:
+        params = getattr(item, "callspec", None) and item.callspec.params
+        for name, definitions in item._fixtureinfo.name2fixturedefs.items():
+            if params and name in params and definitions[-1].scope == "module":
+                item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{name}={params[name]}"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -43,7 +43,7 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
+@pytest.fixture(scope="module", params=MODELS)
 def pair(request):
     """A calibrated torchvision model and its rewrite."""
     torch.manual_seed(0)
