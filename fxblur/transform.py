@@ -47,7 +47,7 @@ from fxblur.passes import (
     RewriteContext,
 )
 from fxblur.publish import publish
-from fxblur.record import Change, RewriteRecord, logged, record_of, store_record
+from fxblur.record import Change, FlatGraph, RewriteRecord, logged, record_of, store_record
 from fxblur.report import report
 from fxblur.trace import Traced, UntraceableModelError, trace
 from fxblur.trace.calls import SITE, forget_calls, name_sites
@@ -267,7 +267,7 @@ class _Rewrite:
         decisions = _decisions(list(working.values())) + inside
         decisions += [change for change in skipped_inside(root, leaves) if change.target not in done]
         groups = tuple(group for gm in working.values() for group in logged(gm, "phase_groups"))
-        flat = {id(traced): _flat_graph_module(root, traced.graph) for traced in unique}  # as the passes left it
+        flat = {id(traced): _flat_graph(root, traced.graph) for traced in unique}  # as the passes left it
         nesting = None
         if self.flatten:
             warn_about_hooks(call for traced in unique for call in traced.root.walk())
@@ -326,13 +326,13 @@ def _run_passes(
         padding.install(root)
 
 
-def _flat_graph_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
-    """A copy of ``graph`` as a GraphModule over ``root``'s modules, without tracer state: the record's flat graph."""
+def _flat_graph(root: nn.Module, graph: fx.Graph) -> FlatGraph:
+    """A copy of ``graph`` over ``root``'s modules, without tracer state: the record's flat graph."""
     copy = fx.Graph()
     output = next(node for node in graph.nodes if node.op == "output")
     copy.output(copy.graph_copy(graph, {}), type_expr=output.type)
     forget_calls(copy)
-    return fx.GraphModule(root, copy)
+    return FlatGraph(root, copy)
 
 
 def _decisions(graph_modules: list[fx.GraphModule]) -> list[Change]:
