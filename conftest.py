@@ -20,5 +20,6 @@ def _doctest_names(doctest_namespace):
     )
 
 
-# fxblur.lightning needs the optional pytorch-lightning; without it, its doctest is not collected.
-collect_ignore = [] if importlib.util.find_spec("pytorch_lightning") else ["fxblur/lightning.py"]
+# fxblur.lightning and fxblur.composer need optional packages; without them, their doctests are not collected.
+OPTIONAL = {"fxblur/lightning.py": "pytorch_lightning", "fxblur/composer.py": "composer"}
+collect_ignore = [path for path, package in OPTIONAL.items() if importlib.util.find_spec(package) is None]

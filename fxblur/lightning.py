@@ -39,7 +39,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
-from fxblur.record import changes
+from fxblur.record import record_of
 from fxblur.report import report
 from fxblur.trace import UntraceableModelError
 from fxblur.transform import NoEffectWarning, transform
@@ -77,17 +77,9 @@ class BlurPoolCallback(pl.Callback):
                     f"{type(pl_module).__name__}.{name} is {type(network).__name__}, not a module: BlurPoolCallback "
                     "rewrites networks that exist when the Trainer sets up (build them in __init__)"
                 )
-            if _already_rewritten(network):
-                continue
+            if record_of(network) is not None:
+                continue  # already rewritten
             blurred = transform(network, verbose=False, **self.options)
             setattr(pl_module, name, blurred)
             if self.verbose:
                 rank_zero_info(f"BlurPoolCallback rewrote {name}:\n{report(blurred)}")
-
-
-def _already_rewritten(network: nn.Module) -> bool:
-    try:
-        changes(network)
-    except ValueError:
-        return False
-    return True
