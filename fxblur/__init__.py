@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fxblur.assemble.graph_module import BakedAttributeWarning
 from fxblur.assemble.hooks import HookWarning
+from fxblur.draw import draw
 from fxblur.evaluation.invariance import check_invariance
 from fxblur.functional import apply_blurpool
 from fxblur.known_layers import trust_forward
@@ -42,6 +43,7 @@ __all__ = [
     "blur",
     "changes",
     "check_invariance",
+    "draw",
     "record_of",
     "report",
     "transform",

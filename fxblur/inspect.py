@@ -16,6 +16,7 @@ Examples:
     python -m fxblur.inspect resnet50 --polyphase --circular-padding
     python -m fxblur.inspect googlenet --input-size 225 --show-code
     python -m fxblur.inspect mypackage.nets:small_cnn --min-channels 0 --format json
+    python -m fxblur.inspect resnet18 --polyphase --draw resnet18.svg
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from fxblur.analysis.equivariance import example_shape
+from fxblur.draw import draw
 from fxblur.models import ModelSpecError, build, timm_available, torchvision_names
 from fxblur.ops.padding import PADDING_MODES
 from fxblur.options import NORMS, PRESETS, BlurOptions
@@ -98,6 +100,9 @@ def parser() -> argparse.ArgumentParser:
         choices=["diff", "full"],
         help="the rewritten forward, as a diff or full",
     )
+    output.add_argument(
+        "--draw", metavar="PATH", help="also draw the rewritten graph: .dot, or .svg/.png/.pdf with Graphviz"
+    )
     return p
 
 
@@ -146,6 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(data if code is None else {**data, "code": code}, indent=2))
     else:
         print(the_report.render(args.format) + ("" if code is None else f"\n\n{code}"))
+    if args.draw:
+        try:
+            print(f"drew the rewritten graph to {draw(gm, args.draw)}", file=sys.stderr)
+        except (ImportError, RuntimeError, ValueError) as error:  # pydot or Graphviz missing, a model in parts
+            return _fail(str(error))
     return 0
 
 
