@@ -218,7 +218,8 @@ class RewriteRecord:
 
         ``leaf_modules`` classes come back as their qualified names: pass the classes themselves.
         """
-        return {**dataclasses.asdict(self.options), **dict(self.tracing)}
+        tracing = dict(self.tracing)
+        return {**dataclasses.asdict(self.options), **tracing, "concrete_args": dict(tracing["concrete_args"])}
 
 
 class FlatGraph:

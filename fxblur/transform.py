@@ -203,7 +203,7 @@ def transform(
         ("strict", strict),
         ("flatten", flatten),
         ("leaf_modules", tuple(_leaf_name(leaf) for leaf in leaf_modules)),
-        ("concrete_args", tuple(concrete_args or ())),
+        ("concrete_args", tuple((concrete_args or {}).items())),
     )
     rewrite = _Rewrite(options, tracing, flatten)
     root = copy_module.deepcopy(model) if copy else share_tensors(model)
