@@ -13,10 +13,14 @@ import pytest
 from fxblur.inspect import main
 
 
-def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fxblur.inspect", *args], capture_output=True, text=True, cwd=cwd, timeout=300
-    )
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fxblur.inspect", *args], capture_output=True, text=True, timeout=300)
+
+
+def in_directory(path, monkeypatch) -> None:
+    """Run from ``path``, as ``python -m`` there would: its files importable, until the test ends."""
+    monkeypatch.chdir(path)
+    monkeypatch.syspath_prepend(str(path))
 
 
 def lines_of(output: str) -> dict[str, str]:
@@ -68,7 +72,7 @@ def test_googlenet_stride_one_pools_are_not_blurred_and_inception_functional_poo
     assert functional == dict.fromkeys(["Mixed_6a.max_pool2d", "Mixed_7a.max_pool2d"], "blur_before")
 
 
-def test_a_model_from_a_local_file(tmp_path):
+def test_a_model_from_a_local_file(tmp_path, monkeypatch, capsys):
     (tmp_path / "mynets.py").write_text(
         textwrap.dedent(
             """
@@ -80,24 +84,26 @@ def test_a_model_from_a_local_file(tmp_path):
             """
         )
     )
-    result = run("mynets:small_cnn", "--input-size", "33", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    lines = lines_of(result.stdout)
+    in_directory(tmp_path, monkeypatch)
+    assert main(["mynets:small_cnn", "--input-size", "33"]) == 0
+    lines = lines_of(capsys.readouterr().out)
     assert "blur_before" in lines["2"] and "33x33 -> 16x16" in lines["2"]
     assert "blur_before" in lines["3"] and "16x16 -> 8x8" in lines["3"]
 
 
-def test_unknown_model_exits_2_with_suggestions():
-    result = run("resnt50")
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+def test_unknown_model_exits_2_with_suggestions(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["resnt50"])
+    assert exited.value.code == 2
+    result = capsys.readouterr()
+    assert result.err.strip().splitlines() == [
         "python -m fxblur.inspect: error: unknown model 'resnt50'; did you mean resnet50, resnet152, resnet101, "
         "fcn_resnet50, resnet34?"
     ]
-    assert result.stdout == ""
+    assert result.out == ""
 
 
-def test_untraceable_model_exits_1_with_a_message_not_a_traceback(tmp_path):
+def test_untraceable_model_exits_1_with_a_message_not_a_traceback(tmp_path, monkeypatch, capsys):
     (tmp_path / "gated.py").write_text(
         textwrap.dedent(
             """
@@ -113,11 +119,12 @@ def test_untraceable_model_exits_1_with_a_message_not_a_traceback(tmp_path):
             """
         )
     )
-    result = run("gated:Gated", cwd=tmp_path)
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    assert "could not trace Gated" in result.stderr and "concrete_args" in result.stderr
-    assert "--partial" in result.stderr  # the flag that rewrites what can be traced
+    in_directory(tmp_path, monkeypatch)
+    assert main(["gated:Gated"]) == 1
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    assert "could not trace Gated" in stderr and "concrete_args" in stderr
+    assert "--partial" in stderr  # the flag that rewrites what can be traced
 
 
 def test_partial_previews_a_detectors_backbone_as_the_detection_guide_shows(capsys):

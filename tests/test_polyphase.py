@@ -18,7 +18,7 @@ PLACEMENTS = {
     "phase_after": {"blur_first": False},
     "phase_past_nonlinearity": {"past_nonlinearity": True},
 }
-SHIFTS = [(1, 0), (0, 3), (5, 7), (-13, 2), (32, -32), (17, 31)]
+SHIFTS = [(1, 0), (0, 3), (-13, 2), (17, 31)]  # each axis alone, then both; odd and even, small and large
 
 
 def build(name: str) -> nn.Module:
@@ -145,7 +145,7 @@ def test_training_lowers_the_loss():
     assert all(p.grad is not None for p in gm.parameters())
 
 
-@pytest.mark.parametrize("placement", ["phase_before", "phase_after"])
+@pytest.mark.parametrize("placement", ["phase_after"])  # phase_before: test_compat.py's "resnet18 polyphase"
 def test_compile_fullgraph_and_export_match_eager(placement):
     model = build("resnet18")
     gm = fxblur.transform(model, polyphase=True, circular_padding=True, verbose=False, **PLACEMENTS[placement])
