@@ -50,6 +50,7 @@ from fxblur.ops.ceil_mode import pad_for_ceil_mode, pad_same_circularly, pad_win
 from fxblur.ops.circular import CIRCULAR_CLASSES, OTHER_PADDING_LAYERS, circular_conv, circular_padding_layer
 from fxblur.passes.context import RewriteContext
 from fxblur.passes.edit import insert_before, replace_uses, strided_as
+from fxblur.record import logged
 from fxblur.trace.cloning import share_tensors
 
 
@@ -67,10 +68,21 @@ class CircularPadding(PassBase):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         context = self.context or RewriteContext([graph_module])
         modified = False
+        added = {name for change in logged(graph_module, "decisions") for name in change.added_nodes}
         for node in list(graph_module.graph.nodes):
             if _pads_ahead_of_window_ops(node, graph_module, context.frozen):
                 module = graph_module.get_submodule(node.target)
                 context.replace(node.target, module, lambda m=module: circular_padding_layer(share_tensors(m)))
+                modified = True
+                continue
+            behind = _window_op_behind_added_nodes(node, graph_module, context.frozen, added)
+            if behind is not None:  # pad what the op reads, after the blur and the phase selection
+                module = graph_module.get_submodule(node.target)
+                context.replace(node.target, module, lambda m=module: circular_padding_layer(share_tensors(m)))
+                moved = insert_before(behind.node, node.target, (behind.input,))
+                replace_uses(behind.input, moved, only=[behind.node])
+                replace_uses(node, node.args[0])
+                graph_module.graph.erase_node(node)
                 modified = True
                 continue
             op = read_window_op(node, graph_module)
@@ -138,6 +150,36 @@ def _pads_ahead_of_window_ops(node: fx.Node, graph_module: fx.GraphModule, froze
     if not isinstance(module, OTHER_PADDING_LAYERS) or id(module) in frozen or not node.users:
         return False
     return all(read_window_op(user, graph_module) is not None for user in node.users)
+
+
+def _window_op_behind_added_nodes(
+    node: fx.Node, graph_module: fx.GraphModule, frozen: frozenset[int], added: set[str]
+) -> WindowOp | None:
+    """The conv or pool that a padding layer ``node`` feeds only through nodes a rewrite added, else ``None``.
+
+    BiT's stem pads with an ``nn.ConstantPad2d`` before its max pool; once the pool is
+    blurred (and its phase chosen), the padding feeds the blur. Padding the blurred map
+    circularly would wrap it around its padded size, not the map's; so the padding moves
+    to the pool's input, where it pads as the pool's own padding would.
+    """
+    if node.op != "call_module" or not node.users:
+        return None
+    module = graph_module.get_submodule(node.target)
+    if not isinstance(module, OTHER_PADDING_LAYERS) or id(module) in frozen:
+        return None
+    through, reached, frontier = set(), set(), list(node.users)
+    while frontier:
+        user = frontier.pop()
+        if user.name in added:
+            if user not in through:
+                through.add(user)
+                frontier.extend(user.users)
+        else:
+            reached.add(user)
+    if len(reached) != 1:
+        return None
+    op = read_window_op(next(iter(reached)), graph_module)
+    return op if op is not None and op.input in through else None
 
 
 def _as_base_class(op: WindowOp) -> nn.Module:

@@ -17,6 +17,7 @@ import fxblur
 from fxblur.analysis.equivariance import BreakKind, analyse
 from fxblur.evaluation.invariance import check_invariance
 from fxblur.ops.polyphase import phase_of, roll_to_phase
+from fxblur.record import flat_graph_module
 from fxblur.trace import trace
 
 SHAPE = (1, 3, 16, 16)
@@ -199,6 +200,18 @@ def test_padding_layers_pad_as_their_mode_says_and_circular_padding_makes_them_w
     assert fxblur.report(gm, SHAPE).verdict.exact
     assert moves(gm) < 1e-9
     assert type(model[0]).__name__ == "ReflectionPad2d"  # the original keeps its padding
+
+
+def test_a_padding_layer_ahead_of_a_blurred_pool_pads_what_the_pool_reads():
+    """BiT's stem: the padding moves past the blur and the phase selection, to the pool's input."""
+    model = nn.Sequential(circular(3, 16), nn.ConstantPad2d(1, 0.0), nn.MaxPool2d(3, 2), Head(16))
+    gm = fxblur.transform(model, polyphase=True, circular_padding=True, verbose=False)
+    assert fxblur.report(gm, SHAPE).verdict.exact, fxblur.report(gm, SHAPE).verdict.line()
+    (pool,) = [node for node in flat_graph_module(gm).graph.nodes if node.target == "2"]
+    padding = pool.args[0]
+    assert padding.target == "1" and padding.args[0].name.startswith("roll_to_phase")  # the selected phase, padded
+    assert moves(gm) < 1e-9  # test_reach.py: BiT itself, every shape kept
+    assert type(model[1]) is nn.ConstantPad2d and len(list(model.children())) == 4  # the original is untouched
 
 
 # -- reductions, layout, indexing, joins --------------------------------------------------------------

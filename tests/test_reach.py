@@ -140,13 +140,19 @@ def test_timm_families_with_such_layers_become_exactly_invariant(name):
     assert check_invariance(gm, (1, 3, 64, 64), structured=False, samples=1).worst < 1e-9
 
 
-def test_bit_pads_its_stem_with_a_constant_layer_and_is_called_not_exact_for_it():
+def test_bit_pads_its_stem_ahead_of_the_blurred_pool_and_becomes_exactly_invariant():
+    from fxblur.evaluation.invariance import check_invariance
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=10).eval()
     gm = fxblur.transform(model, polyphase=True, circular_padding=True, verbose=False)
     verdict = fxblur.report(gm, (1, 3, 64, 64)).verdict
-    assert [b.where for b in verdict.breaks] == ["stem.pad (ConstantPad2d)"], verdict.line()
+    assert verdict.exact, verdict.line()  # its nn.ConstantPad2d pads the pool's input, circularly
+    assert check_invariance(gm, (1, 3, 64, 64), structured=False, samples=1).worst < 1e-9
+    x = torch.randn(1, 3, 65, 65)  # an odd size: the stem pool's windows as before
+    expected = every_shape(model, x)
+    assert {path: shapes for path, shapes in every_shape(gm, x).items() if path in expected} == expected
 
 
 def test_timm_blur_pools_are_left_alone_and_only_the_unblurred_shortcuts_get_a_blur():

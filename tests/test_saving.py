@@ -76,9 +76,8 @@ def test_a_whole_module_checkpoint_computes_and_trains_the_same(options, tmp_pat
         torch.testing.assert_close(got.grad, expected.grad, rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS)
-def test_an_exported_program_saves_and_loads(options, tmp_path):
-    gm = fxblur.transform(resnet(), verbose=False, **options).eval()
+def test_an_exported_program_saves_and_loads(tmp_path):  # polyphase programs: test_compat.py exports one
+    gm = fxblur.transform(resnet(), verbose=False).eval()
     x = torch.randn(2, 3, 64, 64)
     torch.export.save(torch.export.export(gm, (x,)), tmp_path / "model.pt2")
     loaded = torch.export.load(tmp_path / "model.pt2").module()

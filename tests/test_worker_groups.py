@@ -14,7 +14,11 @@ def test_grouped_tests_reach_the_scheduler_as_a_group(request):
 
 
 def test_parameters_of_a_module_scoped_fixture_share_a_group(request):
-    items = [item for item in request.session.items if "test_compat.py::" in item.nodeid and "[resnet50" in item.nodeid]
+    items = [
+        item
+        for item in request.session.items
+        if "test_compat.py::" in item.nodeid and "pair" in item.fixturenames and "[resnet50" in item.nodeid
+    ]
     if not items:
         pytest.skip("test_compat.py is not in this run")
     groups = {tuple(mark.args) for item in items for mark in item.iter_markers("xdist_group")}
