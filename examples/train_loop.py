@@ -8,7 +8,7 @@ first trains it as it is; only the name ``model`` has to follow the new object.
 The data is synthetic (a colour cast per class, under noise), so this runs in seconds
 on a CPU and needs no download.
 
-Run: python examples/train_loop.py [--epochs N]
+Run: python examples/train_loop.py [--epochs N] [--images N]
 """
 
 from __future__ import annotations
@@ -57,15 +57,16 @@ def colour_cast_images(count: int, classes: int = 3, size: int = 32, seed: int =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--images", type=int, default=256, help="training images (and as many held out)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=3)  # random weights: nothing is downloaded
-    train_loader = DataLoader(colour_cast_images(256), batch_size=32, shuffle=True)
+    train_loader = DataLoader(colour_cast_images(args.images), batch_size=32, shuffle=True)
     model = training_loop(model, train_loader, epochs=args.epochs)
 
     model.eval()
-    images, labels = colour_cast_images(256, seed=1).tensors
+    images, labels = colour_cast_images(args.images, seed=1).tensors
     with torch.no_grad():
         accuracy = (model(images).argmax(1) == labels).float().mean().item()
     print(f"held-out accuracy: {accuracy:.2f} (chance: 0.33)")

@@ -11,9 +11,8 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_loop.py"
 
 
 def test_method_card_training_loop_blurs_and_learns():
-    run = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--epochs", "2"], capture_output=True, text=True, timeout=300, check=False
-    )
+    command = [sys.executable, str(EXAMPLE), "--epochs", "2", "--images", "128"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr
     assert "ResNet: 7 blurred, 1 skipped" in run.stdout  # transform printed its report
     losses = [float(loss) for loss in re.findall(r"epoch \d+: loss ([\d.]+)", run.stdout)]
