@@ -173,8 +173,8 @@ class RewriteRecord:
         example_shape: the input shape the rewrite's claims are proved at by default (224 px
             for images; ``fxblur.analysis.equivariance.example_shape``).
         flat_graphs: the flat rewritten graph of each mode, train then eval, over the
-            result's modules (the same object twice when the modes share one); read them
-            with ``flat_graph``.
+            result's modules (the same object twice when the modes share one): ``flat_graph``
+            gives a mode's GraphModule, ``flat_graphs[i].graph`` its graph without building one.
     """
 
     model: str
@@ -242,6 +242,11 @@ class FlatGraph:
         self._graph: fx.Graph | None = graph
         self._training = root.training
         self._module: fx.GraphModule | None = None
+
+    @property
+    def graph(self) -> fx.Graph:
+        """The graph alone, without building its GraphModule."""
+        return self._graph if self._module is None else self._module.graph
 
     def module(self) -> fx.GraphModule:
         """The graph as a GraphModule over the modules it names (built once)."""

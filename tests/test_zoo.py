@@ -19,7 +19,7 @@ import torchvision.models as tvm
 
 import fxblur
 from fxblur.ops.folded import FoldedLayer
-from fxblur.record import flat_graph_module
+from fxblur.record import record_of
 from support import IMAGE_ZOO, VIDEO_ZOO, input_sizes, layer_shapes, meta_model
 
 # Transformers whose only strided op is a patchify stem on 3 channels (< min_channels).
@@ -80,7 +80,7 @@ def enlarged_calls(gm) -> set[tuple[str, int]]:
     A layer that a blur was folded into (``fxblur.assemble.fold``) subsamples its output itself.
     """
     calls, seen = {}, Counter()
-    for node in flat_graph_module(gm).graph.nodes:
+    for node in record_of(gm).flat_graphs[0 if gm.training else 1].graph.nodes:  # no GraphModule built
         if node.op == "call_module":
             calls[node.name] = (node.target, seen[node.target])
             seen[node.target] += 1
