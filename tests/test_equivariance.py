@@ -197,7 +197,7 @@ def test_padding_layers_pad_as_their_mode_says_and_circular_padding_makes_them_w
     gm = fxblur.transform(model, circular_padding=True, verbose=False)
     padding = [type(gm.get_submodule(path)).__name__ for path in ("0", "2", "4")]
     assert padding == ["CircularPad", "CircularPad", "CircularPad2d"]
-    assert fxblur.report(gm, SHAPE).verdict.exact
+    assert fxblur.record_of(gm).verdict_at(SHAPE).exact
     assert moves(gm) < 1e-9
     assert type(model[0]).__name__ == "ReflectionPad2d"  # the original keeps its padding
 
@@ -206,7 +206,7 @@ def test_a_padding_layer_ahead_of_a_blurred_pool_pads_what_the_pool_reads():
     """BiT's stem: the padding moves past the blur and the phase selection, to the pool's input."""
     model = nn.Sequential(circular(3, 16), nn.ConstantPad2d(1, 0.0), nn.MaxPool2d(3, 2), Head(16))
     gm = fxblur.transform(model, polyphase=True, circular_padding=True, verbose=False)
-    assert fxblur.report(gm, SHAPE).verdict.exact, fxblur.report(gm, SHAPE).verdict.line()
+    assert fxblur.record_of(gm).verdict_at(SHAPE).exact, fxblur.record_of(gm).verdict_at(SHAPE).line()
     (pool,) = [node for node in flat_graph_module(gm).graph.nodes if node.target == "2"]
     padding = pool.args[0]
     assert padding.target == "1" and padding.args[0].name.startswith("roll_to_phase")  # the selected phase, padded
@@ -318,8 +318,8 @@ def test_maps_subsampled_at_phases_chosen_apart_do_not_join():
 def test_the_report_says_what_the_analysis_proves_at_the_shape_given():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     gm = fxblur.transform(model, polyphase=True, circular_padding=True, verbose=False)
-    assert fxblur.report(gm, (1, 3, 32, 32)).verdict.exact
-    odd = fxblur.report(gm, (1, 3, 33, 32)).verdict
+    assert fxblur.record_of(gm).verdict_at((1, 3, 32, 32)).exact
+    odd = fxblur.record_of(gm).verdict_at((1, 3, 33, 32))
     assert not odd.exact and odd.breaks[0].kind is BreakKind.SIZE
     assert check_invariance(gm, (1, 3, 33, 32), structured=False).worst > 1e-6
     assert "shift invariance: not exact at 1x3x33x32" in str(fxblur.report(gm, (1, 3, 33, 32)))
@@ -334,6 +334,6 @@ def test_polyphase_resnet_claims_hold_under_measurement(options):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
     gm = fxblur.transform(model, polyphase=True, circular_padding=True, verbose=False, **options)
-    assert fxblur.report(gm, (1, 3, 64, 64)).verdict.exact
+    assert fxblur.record_of(gm).verdict_at((1, 3, 64, 64)).exact
     assert check_invariance(gm, (1, 3, 64, 64), structured=False).worst < 1e-9
-    assert not fxblur.report(fxblur.transform(model, polyphase=True, verbose=False), (1, 3, 64, 64)).verdict.exact
+    assert not fxblur.record_of(fxblur.transform(model, polyphase=True, verbose=False)).verdict_at((1, 3, 64, 64)).exact

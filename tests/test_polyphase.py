@@ -53,7 +53,7 @@ def test_logits_do_not_move_under_circular_shifts(name, placement):
         "phase_before",
         "phase_after",
     }
-    assert fxblur.report(gm, (2, 3, 64, 64)).verdict.exact
+    assert fxblur.record_of(gm).verdict_at((2, 3, 64, 64)).exact
     x = torch.randn(2, 3, 64, 64)
     moved, same_class = worst_move(gm, x)
     assert moved <= 1e-5 and same_class
@@ -182,4 +182,4 @@ def test_transforming_again_changes_nothing(options):
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(twice(x), once(x), rtol=0, atol=0)
     if options.get("circular_padding") or options.get("preset") == "aps":  # the claim holds the second time too
-        assert fxblur.report(twice, (2, 3, 64, 64)).verdict == fxblur.report(once, (2, 3, 64, 64)).verdict
+        assert fxblur.record_of(twice).verdict_at((2, 3, 64, 64)) == fxblur.record_of(once).verdict_at((2, 3, 64, 64))

@@ -108,7 +108,7 @@ def test_timm_layers_that_pad_in_their_own_forward_pad_circularly_when_asked(opt
     model = timm_padding_layers()
     assert model[4].same_pad  # a strided 'same' conv pads at run time
     gm = fxblur.transform(model, polyphase=True, circular_padding=True, verbose=False, **options)
-    verdict = fxblur.report(gm, (1, 3, 64, 64)).verdict
+    verdict = fxblur.record_of(gm).verdict_at((1, 3, 64, 64))
     assert verdict.exact, verdict.line()
     assert check_invariance(gm, (1, 3, 64, 64), structured=False).worst < 1e-9
     x = torch.randn(1, 3, 64, 64)
@@ -122,7 +122,7 @@ def test_timm_layers_that_pad_in_their_own_forward_pad_circularly_when_asked(opt
 def test_timm_layers_that_pad_with_zeros_are_not_called_exact_without_circular_padding():
     model = timm_padding_layers()
     model[0].padding_mode = "circular"  # StdConv2d's forward ignores it: it pads with zeros
-    verdict = fxblur.report(fxblur.transform(model, polyphase=True, verbose=False), (1, 3, 64, 64)).verdict
+    verdict = fxblur.record_of(fxblur.transform(model, polyphase=True, verbose=False)).verdict_at((1, 3, 64, 64))
     assert not verdict.exact
     assert verdict.breaks[0].where.startswith("0 ") and "zeros" in verdict.breaks[0].reason, verdict.line()
 
@@ -135,7 +135,7 @@ def test_timm_families_with_such_layers_become_exactly_invariant(name):
         warnings.simplefilter("ignore")
         model = timm.create_model(name, pretrained=False, num_classes=10).eval()
     gm = fxblur.transform(model, polyphase=True, circular_padding=True, verbose=False)
-    verdict = fxblur.report(gm, (1, 3, 64, 64)).verdict
+    verdict = fxblur.record_of(gm).verdict_at((1, 3, 64, 64))
     assert verdict.exact, verdict.line()
     assert check_invariance(gm, (1, 3, 64, 64), structured=False, samples=1).worst < 1e-9
 
@@ -147,7 +147,7 @@ def test_bit_pads_its_stem_ahead_of_the_blurred_pool_and_becomes_exactly_invaria
         warnings.simplefilter("ignore")
         model = timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=10).eval()
     gm = fxblur.transform(model, polyphase=True, circular_padding=True, verbose=False)
-    verdict = fxblur.report(gm, (1, 3, 64, 64)).verdict
+    verdict = fxblur.record_of(gm).verdict_at((1, 3, 64, 64))
     assert verdict.exact, verdict.line()  # its nn.ConstantPad2d pads the pool's input, circularly
     assert check_invariance(gm, (1, 3, 64, 64), structured=False, samples=1).worst < 1e-9
     x = torch.randn(1, 3, 65, 65)  # an odd size: the stem pool's windows as before

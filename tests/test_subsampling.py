@@ -76,7 +76,7 @@ def test_a_slice_of_the_channels_is_not_blurred_and_breaks_no_claim() -> None:
         gm = fxblur.transform(model, replace_subsampling=True, verbose=False)
     assert changes(gm) == []
     gm = fxblur.transform(model, polyphase=True, circular_padding=True, verbose=False)
-    assert fxblur.report(gm, (1, 3, 16, 16)).verdict.exact
+    assert fxblur.record_of(gm).verdict_at((1, 3, 16, 16)).exact
 
 
 LAYERS = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}
@@ -168,7 +168,7 @@ def test_polyphase_sampling_makes_every_downsampler_exactly_invariant(name) -> N
     gm = fxblur.transform(model, polyphase=True, circular_padding=True, verbose=False)
     even = shapes_of(name)[0]
     assert {c.action for c in changes(gm)} == {Action.PHASE_BEFORE}
-    verdict = fxblur.report(gm, even).verdict
+    verdict = fxblur.record_of(gm).verdict_at(even)
     assert verdict.exact, verdict.line()
     assert check_invariance(gm, even, structured=False).worst < 1e-9
     assert check_invariance(model, even, structured=False).worst > 1e-3  # the original is not
@@ -179,7 +179,7 @@ def test_a_size_the_stride_does_not_divide_is_not_claimed(name) -> None:
     model = model_named(name)
     gm = fxblur.transform(model, polyphase=True, circular_padding=True, verbose=False)
     odd = shapes_of(name)[1]
-    verdict = fxblur.report(gm, odd).verdict
+    verdict = fxblur.record_of(gm).verdict_at(odd)
     assert not verdict.exact
     gm(torch.randn(odd))  # still runs
 
@@ -228,7 +228,7 @@ def test_subsampling_is_left_alone_by_default_and_taken_under_polyphase() -> Non
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fxblur.NoEffectWarning)
         off = fxblur.transform(model, polyphase=True, replace_subsampling=False, verbose=False)
-    assert not fxblur.report(off, (1, 3, 32, 32)).verdict.exact
+    assert not fxblur.record_of(off).verdict_at((1, 3, 32, 32)).exact
 
 
 def test_an_excluded_slice_is_skipped_with_the_pattern() -> None:
@@ -241,5 +241,5 @@ def test_an_excluded_slice_is_skipped_with_the_pattern() -> None:
 
 def test_fixed_phase_blurpool_on_a_slice_is_not_claimed_invariant() -> None:
     gm = fxblur.transform(model_named("slice"), replace_subsampling=True, circular_padding=True, verbose=False)
-    verdict = fxblur.report(gm, (1, 3, 32, 32)).verdict
+    verdict = fxblur.record_of(gm).verdict_at((1, 3, 32, 32))
     assert not verdict.exact and "2x2" in verdict.line()
