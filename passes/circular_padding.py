@@ -70,19 +70,17 @@ class CircularPadding(PassBase):
         modified = False
         added = {name for change in logged(graph_module, "decisions") for name in change.added_nodes}
         for node in list(graph_module.graph.nodes):
-            if _pads_ahead_of_window_ops(node, graph_module, context.frozen):
-                module = graph_module.get_submodule(node.target)
-                context.replace(node.target, module, lambda m=module: circular_padding_layer(share_tensors(m)))
-                modified = True
-                continue
-            behind = _window_op_behind_added_nodes(node, graph_module, context.frozen, added)
-            if behind is not None:  # pad what the op reads, after the blur and the phase selection
-                module = graph_module.get_submodule(node.target)
-                context.replace(node.target, module, lambda m=module: circular_padding_layer(share_tensors(m)))
-                moved = insert_before(behind.node, node.target, (behind.input,))
-                replace_uses(behind.input, moved, only=[behind.node])
-                replace_uses(node, node.args[0])
-                graph_module.graph.erase_node(node)
+            padding = _padding_layer(node, graph_module, context.frozen)
+            if padding is not None:
+                if not _feeds_window_ops(node, graph_module):
+                    behind = _window_op_behind(node, graph_module, added)
+                    if behind is None:
+                        continue
+                    moved = insert_before(behind.node, node.target, (behind.input,))  # pad what the op reads
+                    replace_uses(behind.input, moved, only=[behind.node])
+                    replace_uses(node, node.args[0])
+                    graph_module.graph.erase_node(node)
+                context.replace(node.target, padding, lambda m=padding: circular_padding_layer(share_tensors(m)))
                 modified = True
                 continue
             op = read_window_op(node, graph_module)
@@ -142,31 +140,27 @@ class CircularPadding(PassBase):
             context.configure(op.module, **settings)
 
 
-def _pads_ahead_of_window_ops(node: fx.Node, graph_module: fx.GraphModule, frozen: frozenset[int]) -> bool:
-    """Whether ``node`` calls a padding layer that does not wrap around and feeds only convs and pools."""
-    if node.op != "call_module":
-        return False
+def _padding_layer(node: fx.Node, graph_module: fx.GraphModule, frozen: frozenset[int]) -> nn.Module | None:
+    """The torch.nn padding layer that does not wrap around which ``node`` calls, if it may change; else ``None``."""
+    if node.op != "call_module" or not node.users:
+        return None
     module = graph_module.get_submodule(node.target)
-    if not isinstance(module, OTHER_PADDING_LAYERS) or id(module) in frozen or not node.users:
-        return False
+    return module if isinstance(module, OTHER_PADDING_LAYERS) and id(module) not in frozen else None
+
+
+def _feeds_window_ops(node: fx.Node, graph_module: fx.GraphModule) -> bool:
+    """Whether every user of ``node`` is a conv or pool."""
     return all(read_window_op(user, graph_module) is not None for user in node.users)
 
 
-def _window_op_behind_added_nodes(
-    node: fx.Node, graph_module: fx.GraphModule, frozen: frozenset[int], added: set[str]
-) -> WindowOp | None:
-    """The conv or pool that a padding layer ``node`` feeds only through nodes a rewrite added, else ``None``.
+def _window_op_behind(node: fx.Node, graph_module: fx.GraphModule, added: set[str]) -> WindowOp | None:
+    """The conv or pool that ``node`` feeds only through nodes a rewrite added, else ``None``.
 
     BiT's stem pads with an ``nn.ConstantPad2d`` before its max pool; once the pool is
     blurred (and its phase chosen), the padding feeds the blur. Padding the blurred map
     circularly would wrap it around its padded size, not the map's; so the padding moves
     to the pool's input, where it pads as the pool's own padding would.
     """
-    if node.op != "call_module" or not node.users:
-        return None
-    module = graph_module.get_submodule(node.target)
-    if not isinstance(module, OTHER_PADDING_LAYERS) or id(module) in frozen:
-        return None
     through, reached, frontier = set(), set(), list(node.users)
     while frontier:
         user = frontier.pop()
