@@ -22,9 +22,7 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import warnings
 from collections import Counter
 from typing import Any
 
@@ -33,8 +31,7 @@ from torch import nn
 from fxblur.functional import apply_blurpool
 from fxblur.record import Action, changes, record_of
 from fxblur.report import report
-from fxblur.trace import UntraceableModelError
-from fxblur.transform import NoEffectWarning, transform
+from fxblur.transform import check_options
 
 try:
     from composer.core import Algorithm, Event, State
@@ -88,10 +85,7 @@ class BlurPool(Algorithm):
         self.min_channels = min_channels
         self.attribute = attribute
         self.fxblur_options = fxblur_options
-        # A dry run: transform checks every option before it traces, so a bad one fails here, not at INIT.
-        with warnings.catch_warnings(), contextlib.suppress(UntraceableModelError):
-            warnings.simplefilter("ignore", NoEffectWarning)
-            transform(nn.Identity(), **self._options(), verbose=False)
+        check_options(**self._options())  # a bad option fails here, not at INIT
 
     def __repr__(self) -> str:
         extra = "".join(f",{name}={value!r}" for name, value in self.fxblur_options.items())

@@ -30,8 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -41,8 +39,7 @@ from torch import nn
 
 from fxblur.record import record_of
 from fxblur.report import report
-from fxblur.trace import UntraceableModelError
-from fxblur.transform import NoEffectWarning, transform
+from fxblur.transform import check_options, transform
 
 
 class BlurPoolCallback(pl.Callback):
@@ -61,11 +58,7 @@ class BlurPoolCallback(pl.Callback):
         self.attributes = (attributes,) if isinstance(attributes, str) else tuple(attributes)
         if not self.attributes or not all(isinstance(name, str) and name for name in self.attributes):
             raise ValueError(f"attributes must name LightningModule attributes, got {attributes!r}")
-        # A dry run: transform checks every option before it traces, so a bad option fails
-        # here and not at setup; tracing itself may fail (concrete_args name the network's inputs).
-        with warnings.catch_warnings(), contextlib.suppress(UntraceableModelError):
-            warnings.simplefilter("ignore", NoEffectWarning)
-            transform(nn.Identity(), verbose=False, **options)
+        check_options(**options)  # a bad option fails here, not at setup
         self.verbose = verbose
         self.options = options
 

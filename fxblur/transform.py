@@ -16,6 +16,7 @@ The data flows one way (``docs/architecture.md``):
 
 from __future__ import annotations
 
+import contextlib
 import copy as copy_module
 import dataclasses
 import warnings
@@ -370,6 +371,24 @@ def _trace_each_mode(
         traces[not current] = traces[current]
     name_sites(traced.graph for traced in traces.values())
     return traces
+
+
+def check_options(**options: Any) -> None:
+    """Raise ``ValueError`` now for an option ``transform`` would reject, without a model to rewrite.
+
+    For integrations that rewrite later (a Trainer's setup): ``transform`` checks every
+    option before it traces, so a dry run on ``nn.Identity`` finds a bad one; tracing itself
+    may fail (``concrete_args`` name the real network's inputs), which is not an option error.
+
+    Example:
+        >>> check_options(filter_size=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: filter_size must be an int from 1 to 7, got 0
+    """
+    with warnings.catch_warnings(), contextlib.suppress(UntraceableModelError):
+        warnings.simplefilter("ignore", NoEffectWarning)
+        transform(nn.Identity(), **{**options, "verbose": False})
 
 
 def _no_effect(model: nn.Module, result: nn.Module, decisions: tuple[Change, ...]) -> str:
